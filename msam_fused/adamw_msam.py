@@ -1,0 +1,64 @@
+"""AdamW-MSAM: the MSAM idea on AdamW, perturbing along the first moment (SPEC §1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from msam_fused.momentum_ascent import Bucket, MomentumAscentOptimizer
+from msam_fused.validation import check_betas, check_number
+
+
+class AdamWMSAM(MomentumAscentOptimizer):
+    r"""Momentum-SAM on AdamW (the paper's optimizer for ViTs).
+
+    Parameters hold ``p = w - c * m`` between steps, ``c = rho / ||m||``. Per step, with the
+    gradient ``g`` taken at ``p`` and the per-parameter step count ``t`` (from 1)::
+
+        p = p + c_old * m
+        m = b1 * m + (1 - b1) * g;  s = b2 * s + (1 - b2) * g * g
+        p = p - (lr / (1 - b1**t)) * m / (sqrt(s) / sqrt(1 - b2**t) + eps)
+        p = p * (1 - lr * weight_decay)          # decoupled decay, after the Adam update
+        c_new = rho / (||m|| + 1e-12);  p = p - c_new * m
+
+    Arguments as in ``torch.optim.AdamW`` plus ``rho``, ``backend``, ``nonfinite`` and
+    ``master_weights`` (see :class:`~msam_fused.MSAM`). ``amsgrad`` is not supported.
+    The paper's ViT recipe uses ``rho = 0`` during the LR warm-up and clips gradients at 1.0
+    (clip before :meth:`step`).
+    """
+
+    hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "rho")
+    direction_key = "exp_avg"
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, rho: float = 1.0, *, amsgrad: bool = False,
+                 backend: str = "auto", nonfinite: str = "skip", master_weights: bool = False):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, rho=rho, amsgrad=amsgrad)
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite,
+                         master_weights=master_weights)
+
+    @classmethod
+    def check_hyperparameters(cls, where: str, group: dict) -> None:
+        for key in ("lr", "eps", "weight_decay", "rho"):
+            check_number(where, key, group[key])
+        check_betas(where, group["betas"])
+        if group.get("amsgrad", False):
+            raise ValueError(f"{where}: amsgrad=True is not supported by AdamWMSAM")
+
+    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
+        dtype = self._state_dtype(p)
+        return {"exp_avg": (p.shape, dtype), "exp_avg_sq": (p.shape, dtype),
+                "step": ((), torch.float32), **self._common_state_spec(p)}
+
+    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
+                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        g = bucket.group
+        beta1, beta2 = g["betas"]
+        return bucket.backend.adamw_msam_update_(
+            bucket.params, bucket.grads, bucket.column("exp_avg"), bucket.column("exp_avg_sq"),
+            bucket.column("step"), bucket.column("master_weight"), lr=g["lr"], beta1=beta1,
+            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef=coef,
+            norm_dtype=norm_dtype, grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,123 @@
+"""Backend dispatch: which implementation runs the step for the tensors of one device.
+
+A backend is a module (or object) with the functions of ``msam_fused.reference``:
+``msam_sgd_update_``, ``adamw_msam_update_``, ``perturbation_coef``, ``apply_perturbation_``,
+``remove_perturbation_``, ``sam_ascent_sum_of_squares``, ``sam_ascent_`` and ``sam_restore_``,
+with the same arguments and the same results. The optimizers call them once per bucket (one
+param group on one device in one dtype), never once per tensor, so a fused backend's launches
+per step do not grow with the number of tensors.
+
+Asking for a backend by name either gives that backend or raises
+:class:`BackendUnavailableError` saying what is missing; only ``"auto"`` falls back, and it
+says so once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable
+
+import torch
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing."""
+
+
+def _load_reference(device: torch.device):
+    from msam_fused import reference
+
+    return reference
+
+
+def _load_cpu(device: torch.device):
+    if device.type != "cpu":
+        raise BackendUnavailableError(
+            f"backend 'cpu' runs the fused C++ kernels on CPU tensors, but the parameters are on {device}")
+    return _compiled_backend("cpu")
+
+
+def _load_cuda(device: torch.device):
+    if device.type != "cuda":
+        raise BackendUnavailableError(
+            f"backend 'cuda' needs parameters on a CUDA device, but they are on {device}")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("backend 'cuda' needs a CUDA GPU, and torch sees none")
+    return _compiled_backend("cuda")
+
+
+def _compiled_backend(kind: str):
+    try:
+        module = importlib.import_module("msam_fused.fused_ops")
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"backend '{kind}' needs the compiled extension msam_fused._C, which is not available "
+            f"({err}); build it with `pip install --no-build-isolation -e .`") from err
+    reason = module.unavailable_reason(kind)
+    if reason:
+        raise BackendUnavailableError(f"backend '{kind}': {reason}")
+    return module
+
+
+def _load_triton(device: torch.device):
+    try:
+        module = importlib.import_module("msam_fused.triton_kernels")
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"backend 'triton' needs the triton package and msam_fused.triton_kernels ({err})") from err
+    reason = module.unavailable_reason(device)
+    if reason:
+        raise BackendUnavailableError(f"backend 'triton': {reason}")
+    return module
+
+
+_LOADERS: dict[str, Callable] = {
+    "reference": _load_reference,
+    "cpu": _load_cpu,
+    "cuda": _load_cuda,
+    "triton": _load_triton,
+}
+
+# The order "auto" tries, fastest first, per device type (cuda before triton: see bench/results).
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_fallbacks_reported: set = set()
+
+
+def resolve(requested: str, device: torch.device):
+    """The backend module that runs tensors on ``device`` for the name the user asked for."""
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    device = torch.device(device)
+    if requested != "auto":
+        return _LOADERS[requested](device)
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    reasons = []
+    for name in order:
+        try:
+            backend = _LOADERS[name](device)
+        except BackendUnavailableError as err:
+            reasons.append(str(err))
+            continue
+        if reasons and (device.type, name) not in _fallbacks_reported:
+            _fallbacks_reported.add((device.type, name))
+            warnings.warn(
+                f"msam_fused: backend='auto' uses '{name}' for {device.type} tensors because "
+                + "; ".join(reasons), stacklevel=4)
+        return backend
+    raise BackendUnavailableError("; ".join(reasons))  # unreachable: reference always loads
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """Each backend name mapped to ``None`` if it can run on ``device``, else why it cannot."""
+    out = {}
+    for name, load in _LOADERS.items():
+        try:
+            load(torch.device(device))
+            out[name] = None
+        except BackendUnavailableError as err:
+            out[name] = str(err)
+    return out

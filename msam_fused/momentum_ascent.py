@@ -1,0 +1,395 @@
+"""What MSAM and AdamW-MSAM share: the perturbed-weights invariant and everything around it.
+
+Between steps every parameter holds ``p = w - c * x``: the true weights ``w`` minus the
+coefficient ``c`` (one per param group, remembered exactly as applied) times the ascent
+direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-MSAM). A step is
+
+1. one pass per bucket that removes the old perturbation and updates the weights and state
+   (``backend.*_update_``), returning the bucket's sum of squares of the new ``x``;
+2. the global norm over all buckets (all groups, all devices) and, per group,
+   ``c = rho / (||x|| + EPS_NORM)`` (``backend.perturbation_coef``), both on the device;
+3. one pass per bucket that applies the new perturbation (``backend.apply_perturbation_``).
+
+A bucket is the parameters of one param group on one device in one dtype. The step never
+reads a device value on the host (except ``nonfinite="raise"``, which must).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from msam_fused import backends
+from msam_fused.nonfinite import step_skip_flag
+from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
+                                   check_param_for_step, describe_param)
+
+STATE_FORMAT = 1
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Bucket:
+    """The tensors of one (param group, device, dtype) that take part in this step."""
+
+    group: dict
+    device: torch.device
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    backend: Any = None
+
+    def column(self, key: str) -> list:
+        return [state.get(key) for state in self.states]
+
+
+class MomentumAscentOptimizer(Optimizer):
+    """Base class of :class:`~msam_fused.MSAM` and :class:`~msam_fused.AdamWMSAM`."""
+
+    #: state key of the ascent direction ``x`` (the perturbation is ``-c * x``)
+    direction_key: str
+    #: group keys every saved param group must carry
+    hyperparameter_keys: tuple
+
+    # GradScaler hands us ``grad_scale`` and ``found_inf`` instead of unscaling and checking
+    # the gradients itself; the unscale happens inside the update pass.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, *, backend: str = "auto", nonfinite: str = "skip",
+                 master_weights: bool = False):
+        where = type(self).__name__
+        if backend not in backends.BACKEND_NAMES:
+            raise ValueError(f"{where}: unknown backend {backend!r}; choose one of "
+                             f"{', '.join(backends.BACKEND_NAMES)}")
+        check_nonfinite_policy(where, nonfinite)
+        self.check_hyperparameters(where, defaults)
+        self.backend_request = backend
+        self.nonfinite = nonfinite
+        self.master_weights = bool(master_weights)
+        self._init_runtime()
+        super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        self._layouts: dict[int, tuple] = {}      # id(param) -> (device, dtype) at build time
+        self._backends: dict[torch.device, Any] = {}
+        self._skipped_steps: Optional[Tensor] = None
+        self._unperturbed_depth = 0
+
+    def __setstate__(self, state: dict) -> None:  # deepcopy / pickle keep only torch's fields
+        super().__setstate__(state)
+        if not hasattr(self, "_layouts"):
+            self.backend_request = "auto"
+            self.nonfinite = "skip"
+            self.master_weights = False
+            self._init_runtime()
+            for group in self.param_groups:
+                self._register_group(group)
+
+    # ----------------------------------------------------------------------------- hooks
+    @classmethod
+    def check_hyperparameters(cls, where: str, group: dict) -> None:
+        raise NotImplementedError
+
+    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
+        """Each state key of ``p`` mapped to its (shape, dtype)."""
+        raise NotImplementedError
+
+    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
+                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict) -> None:
+        where = type(self).__name__
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        index = len(self.param_groups)
+        known = [p for g in self.param_groups for p in g["params"]]
+        check_new_params(where, index, _with_plain_params(group), known)
+        self.check_hyperparameters(f"{where} param group {index}", {**self.defaults, **group})
+        super().add_param_group(param_group)
+        self._register_group(self.param_groups[-1])
+
+    def _register_group(self, group: dict) -> None:
+        for p in group["params"]:
+            self._layouts[id(p)] = (p.device, p.dtype)
+            if p.device not in self._backends:
+                self._backends[p.device] = backends.resolve(self.backend_request, p.device)
+
+    @property
+    def backend(self) -> str | dict:
+        """The backend that runs the step: its name, or a name per device."""
+        names = {str(d): b.name for d, b in self._backends.items()}
+        return next(iter(names.values())) if len(set(names.values())) == 1 else names
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite gradients (reads the device)."""
+        return 0 if self._skipped_steps is None else int(self._skipped_steps)
+
+    def _norm_dtype(self) -> torch.dtype:
+        dtypes = {layout[1] for layout in self._layouts.values()}
+        return torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+
+    def _wants_master(self, p: Tensor) -> bool:
+        return self.master_weights and p.dtype in LOW_PRECISION
+
+    def _common_state_spec(self, p: Tensor) -> dict[str, tuple]:
+        spec = {"perturbation_coef": ((), self._norm_dtype())}
+        if self._wants_master(p):
+            spec["master_weight"] = (p.shape, torch.float32)
+        return spec
+
+    def _init_state(self, p: Tensor) -> dict:
+        """Zero state; the master copy starts at the weights (no perturbation yet)."""
+        state = {k: torch.zeros(shape, dtype=dtype, device=p.device)
+                 for k, (shape, dtype) in self._state_spec(p).items()}
+        if "master_weight" in state:
+            state["master_weight"].copy_(p.detach())
+        return state
+
+    # -------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; see the module docstring for what it does.
+
+        Gradient clipping goes *before* this call, on the gradients at the perturbed point
+        (``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)``; with a GradScaler,
+        ``scaler.unscale_(opt)`` first): the clipped gradient is ``g`` in SPEC §1.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        where = f"{type(self).__name__}.step"
+        if self._unperturbed_depth:
+            raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
+        # The coefficients last applied, read before new parameters get (zero) state.
+        coef_old = {id(g): self._group_coef(g) for g in self.param_groups}
+        buckets, labelled_grads = self._collect_buckets(where)
+        if not buckets:
+            return loss
+        norm_device = buckets[0].device
+        norm_dtype = self._norm_dtype()
+        found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled_grads],
+                                   [label for _, label in labelled_grads], norm_device,
+                                   getattr(self, "found_inf", None))
+        grad_scale = getattr(self, "grad_scale", None)
+        coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
+                    else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
+        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        for b in buckets:
+            coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
+            sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
+                                     _on(found_inf, b.device))
+            total = total + sq.to(norm_device, non_blocking=True)
+
+        norm_backend = self._backends[norm_device]
+        coef_new = {}
+        for b in buckets:
+            key = id(b.group)
+            if key not in coef_new:
+                coef_new[key] = norm_backend.perturbation_coef(total, b.group["rho"], coef_old[key],
+                                                               found_inf)
+        for b in buckets:
+            coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
+            b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
+                                          b.column("master_weight"), coef=coef,
+                                          found_inf=_on(found_inf, b.device))
+            for state in b.states:
+                state["perturbation_coef"] = coef
+        if found_inf is not None:
+            skipped = (found_inf != 0).to(torch.int64)
+            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
+        return loss
+
+    def _group_coef(self, group: dict) -> Optional[Tensor]:
+        """The coefficient last applied to this group (None before its first step)."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                return state["perturbation_coef"]
+        return None
+
+    def _collect_buckets(self, where: str) -> tuple[list[Bucket], list]:
+        """Validate every parameter, create missing state, and group tensors into buckets.
+
+        Everything is checked before anything is written, so a bad parameter changes nothing.
+        """
+        for gi, group in enumerate(self.param_groups):
+            self.check_hyperparameters(f"{where}: param group {gi}", group)
+            for i, p in enumerate(group["params"]):
+                check_param_for_step(where, describe_param(group, gi, i, p), p, self._layouts[id(p)])
+        buckets: dict[tuple, Bucket] = {}
+        labelled_grads = []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if p.grad is None and not state:
+                    continue  # never had a gradient: no state, no perturbation
+                if not state:
+                    state = self.state[p] = self._init_state(p)
+                key = (gi, p.device, p.dtype)
+                if key not in buckets:
+                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
+                b = buckets[key]
+                b.params.append(p)
+                b.grads.append(p.grad)
+                b.states.append(state)
+                if p.grad is not None:
+                    labelled_grads.append((p.grad, describe_param(group, gi, i, p)))
+        return list(buckets.values()), labelled_grads
+
+    # ----------------------------------------------------------------- true weights access
+    def _perturbed_buckets(self) -> list[Bucket]:
+        buckets: dict[tuple, Bucket] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                key = (gi, p.device, p.dtype)
+                if key not in buckets:
+                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
+                buckets[key].params.append(p)
+                buckets[key].states.append(state)
+        return list(buckets.values())
+
+    @contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Inside, the parameters hold the true weights ``w``; on exit the perturbed values
+        come back bit for bit (they are saved, not recomputed). Changes made to the
+        parameters inside the context are discarded. Nesting is allowed."""
+        if self._unperturbed_depth:
+            self._unperturbed_depth += 1
+            try:
+                yield
+            finally:
+                self._unperturbed_depth -= 1
+            return
+        buckets = self._perturbed_buckets()
+        saved = [[p.detach().clone() for p in b.params] for b in buckets]
+        with torch.no_grad():
+            for b in buckets:
+                b.backend.remove_perturbation_(b.params, b.column(self.direction_key),
+                                               b.column("master_weight"),
+                                               coef=b.states[0]["perturbation_coef"])
+        self._unperturbed_depth = 1
+        try:
+            yield
+        finally:
+            self._unperturbed_depth = 0
+            with torch.no_grad():
+                for b, copies in zip(buckets, saved):
+                    for p, copy in zip(b.params, copies):
+                        p.copy_(copy)
+
+    def unperturbed_state_dict(self, model: torch.nn.Module) -> dict:
+        """``model.state_dict()`` at the true weights (copies): what to export or evaluate."""
+        with self.unperturbed():
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["msam_fused"] = {
+            "optimizer": type(self).__name__,
+            "format": STATE_FORMAT,
+            "master_weights": self.master_weights,
+            "skipped_steps": None if self._skipped_steps is None else self._skipped_steps.clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by the same optimizer class for the same parameters.
+
+        Everything is checked first; a state dict from another optimizer or model raises and
+        leaves this optimizer untouched.
+        """
+        state_dict = dict(state_dict)
+        tag = state_dict.pop("msam_fused", None)
+        self._check_loadable(state_dict, tag)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to the parameter's dtype; our state keeps
+        # fp32 for low-precision parameters and the coefficient in the norm dtype.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved_state:
+                spec = self._state_spec(p)
+                self.state[p] = {k: v.to(device=p.device, dtype=spec[k][1])
+                                 for k, v in saved_state[i].items()}
+        for group in self.param_groups:  # one coefficient object per group, as a step leaves it
+            coef = None
+            for p in group["params"]:
+                if self.state.get(p):
+                    coef = self.state[p]["perturbation_coef"] if coef is None else coef
+                    self.state[p]["perturbation_coef"] = coef
+        skipped = (tag or {}).get("skipped_steps")
+        self._skipped_steps = None if skipped is None else skipped.clone()
+
+    def _check_loadable(self, state_dict: dict, tag: Optional[dict]) -> None:
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{where}: not an optimizer state dict (needs 'state' and 'param_groups')")
+        if tag is not None:
+            if tag.get("optimizer") != type(self).__name__:
+                raise ValueError(f"{where}: the state dict was saved by {tag.get('optimizer')}, "
+                                 f"not {type(self).__name__}")
+            if bool(tag.get("master_weights")) != self.master_weights:
+                raise ValueError(f"{where}: the state dict was saved with master_weights="
+                                 f"{tag.get('master_weights')}, this optimizer has {self.master_weights}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = [k for k in self.hyperparameter_keys if k not in saved]
+            if missing:
+                raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}: it "
+                                 f"was not saved by msam_fused.{type(self).__name__}")
+            self.check_hyperparameters(f"{where}: saved param group {gi}", saved)
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where}: param group {gi} has {len(saved['params'])} parameters "
+                                 f"in the state dict and {len(group['params'])} here: another model?")
+            coefs = []
+            for index, (i, p) in enumerate(zip(saved["params"], group["params"])):
+                state = state_dict["state"].get(i)
+                if state is None:
+                    continue
+                what = describe_param(group, gi, index, p)
+                expected = self._state_spec(p)
+                if set(state) != set(expected):
+                    raise ValueError(f"{where}: state of {what} has keys {sorted(state)}, expected "
+                                     f"{sorted(expected)}: it was not saved by this optimizer")
+                for key, value in state.items():
+                    if not isinstance(value, Tensor) or value.shape != expected[key][0]:
+                        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                        raise ValueError(f"{where}: state '{key}' of {what} has shape {shape}, "
+                                         f"expected {tuple(expected[key][0])}: another model?")
+                coefs.append(state["perturbation_coef"])
+            if coefs and any(bool(c.to(coefs[0].device) != coefs[0]) for c in coefs[1:]):
+                raise ValueError(f"{where}: param group {gi} holds different perturbation "
+                                 "coefficients; the state dict is corrupt")
+
+
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+def _with_plain_params(group: dict) -> dict:
+    """torch accepts (name, tensor) pairs; validation wants the tensors and the names apart."""
+    params = group["params"]
+    if params and isinstance(params[0], tuple):
+        return {**group, "params": [t for _, t in params], "param_names": [n for n, _ in params]}
+    return group

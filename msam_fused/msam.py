@@ -1,0 +1,81 @@
+"""MSAM: SGD with momentum, evaluated at the point the momentum says is uphill (SPEC §1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from msam_fused.momentum_ascent import Bucket, MomentumAscentOptimizer
+from msam_fused.validation import check_number
+
+
+class MSAM(MomentumAscentOptimizer):
+    r"""Momentum-SAM with SGD momentum (Becker et al., arXiv 2401.12033, Algorithm 1).
+
+    A drop-in for ``torch.optim.SGD(momentum=...)``: one forward/backward per step, like SGD,
+    yet sharpness-aware, because the parameters always hold the perturbed weights
+    ``p = w - c * v`` with ``c = rho / ||v||`` (global norm over all param groups). Per step,
+    with ``g`` the gradient at ``p``::
+
+        d = g + weight_decay * p          # coupled decay, at the perturbed point
+        p = p + c_old * v                 # back to the true weights w
+        v = momentum * v + d
+        p = p - lr * v
+        c_new = rho / (||v|| + 1e-12)     # one global norm; per-group rho
+        p = p - c_new * v                 # the new perturbation; c_new is remembered
+
+    Evaluate or export under :meth:`unperturbed` (or :meth:`unperturbed_state_dict`).
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr, momentum, weight_decay: as in ``torch.optim.SGD``.
+        rho: perturbation radius (``>= 0``; ``0`` is plain SGD with momentum). MSAM's best
+            rho is larger than SAM's, typically 0.3-3.
+        backend: ``"auto"`` (fastest available, says once if it falls back), ``"cuda"``,
+            ``"triton"``, ``"cpu"`` (fused C++), or ``"reference"`` (per-tensor PyTorch).
+        nonfinite: ``"skip"`` (default) skips the whole step, perturbation included, when a
+            gradient holds inf/NaN, and counts it in :attr:`skipped_steps`; ``"raise"`` raises
+            (this reads a device flag on the host every step).
+        master_weights: keep fp32 copies of the true weights of bf16/fp16 parameters.
+        nesterov, dampening: accepted only to reject them: MSAM is defined for plain momentum.
+
+    Parameters whose ``grad`` is ``None`` in a step keep their weights and momentum (as in
+    ``torch.optim.SGD``) but are re-perturbed with the new coefficient, so every parameter
+    keeps holding ``w - c * v``; parameters that never had a gradient are never touched.
+    """
+
+    hyperparameter_keys = ("lr", "momentum", "weight_decay", "rho")
+    direction_key = "momentum_buffer"
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 rho: float = 0.3, *, nesterov: bool = False, dampening: float = 0.0,
+                 backend: str = "auto", nonfinite: str = "skip", master_weights: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho,
+                        nesterov=nesterov, dampening=dampening)
+        super().__init__(params, defaults, backend=backend, nonfinite=nonfinite,
+                         master_weights=master_weights)
+
+    @classmethod
+    def check_hyperparameters(cls, where: str, group: dict) -> None:
+        for key in ("lr", "weight_decay", "rho"):
+            check_number(where, key, group[key])
+        check_number(where, "momentum", group["momentum"], high=1.0)
+        if group.get("nesterov", False):
+            raise ValueError(f"{where}: nesterov=True is not part of MSAM (the perturbation is "
+                             "along the plain momentum); use nesterov=False")
+        if group.get("dampening", 0.0):
+            raise ValueError(f"{where}: dampening={group['dampening']} is not part of MSAM; use 0")
+
+    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
+        return {"momentum_buffer": (p.shape, self._state_dtype(p)), **self._common_state_spec(p)}
+
+    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
+                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        g = bucket.group
+        return bucket.backend.msam_sgd_update_(
+            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
+            bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
+            momentum=g["momentum"], coef=coef, norm_dtype=norm_dtype, grad_scale=grad_scale,
+            found_inf=found_inf)

@@ -1,0 +1,239 @@
+"""The reference backend: the definition of every step, one tensor at a time, in plain PyTorch.
+
+Every fused kernel (C++/CUDA, Triton) is tested against these functions, so they follow
+SPEC §1 literally and favour clarity over speed. They are also the ``backend="reference"``
+path: the "authors' style" per-tensor implementation the benchmarks compare against.
+
+Conventions shared by all backends (see ``msam_fused/backends.py`` for the contract):
+
+* Arithmetic runs in the *compute dtype*: float64 for float64 tensors, float32 otherwise
+  (bf16/fp16 parameters with fp32 state). Results are rounded to the storage dtype once per
+  write, at the same points the two-pass kernels write memory.
+* ``coef`` arguments are 0-d tensors on the parameters' device: the perturbation coefficient
+  ``c`` that was (or will be) applied. They are never read on the host.
+* ``found_inf`` is ``None`` or a device tensor; non-zero means "skip": the call then leaves
+  every tensor exactly as it was. ``grad_scale`` is ``None`` or a device tensor that the
+  gradients are divided by (AMP ``GradScaler``).
+* ``masters`` holds, per parameter, ``None`` or an fp32 master copy of the *true* weights
+  ``w``; with a master copy the parameter only ever stores ``round(w - c * v)``.
+* A gradient of ``None`` means "this parameter got no gradient this step": its weights and
+  state stay as they are, but it is still re-perturbed with the new coefficient so that every
+  parameter keeps holding ``w - c * v`` with one coefficient per group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+EPS_NORM = 1e-12
+
+name = "reference"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _skip_mask(found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if found_inf is None else found_inf.to(device=device) != 0
+
+
+def _commit_(dst: Tensor, new: Tensor, skip: Optional[Tensor]) -> None:
+    """Write ``new`` into ``dst`` (rounding to its dtype) unless the step is skipped."""
+    new = new.to(dst.dtype)
+    dst.copy_(new if skip is None else torch.where(skip, dst, new))
+
+
+def _unscaled(grad: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
+    g = grad.to(compute_dtype(grad.dtype))
+    return g if grad_scale is None else g / grad_scale.to(device=g.device, dtype=g.dtype)
+
+
+def _true_weights(p: Tensor, direction: Tensor, master: Optional[Tensor], coef: Tensor) -> Tensor:
+    """``w``: the master copy, or the stored (perturbed) value plus ``c * direction``."""
+    if master is not None:
+        return master.clone()
+    cd = compute_dtype(p.dtype)
+    return p.to(cd) + coef.to(cd) * direction.to(cd)
+
+
+def _sum_of_squares(tensors: Sequence[Tensor], norm_dtype: torch.dtype, device) -> Tensor:
+    total = torch.zeros((), dtype=norm_dtype, device=device)
+    for t in tensors:
+        total = total + t.to(norm_dtype).square().sum()
+    return total
+
+
+def msam_sgd_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
+    momenta: Sequence[Tensor],
+    masters: Sequence[Optional[Tensor]],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    coef: Tensor,
+    norm_dtype: torch.dtype,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Tensor:
+    """First pass of MSAM-SGD (SPEC §1 steps 1-4) for the tensors of one bucket.
+
+    Leaves the parameters at the true, updated weights ``w`` (or updates the master copy) and
+    returns the bucket's sum of squares of the new momentum, for the global norm.
+    """
+    device = params[0].device
+    skip = _skip_mask(found_inf, device)
+    new_momenta = []
+    for p, g, v, master in zip(params, grads, momenta, masters):
+        cd = compute_dtype(p.dtype)
+        w = _true_weights(p, v, master, coef)
+        if g is None:
+            v_new = v.to(cd)
+        else:
+            d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
+            v_new = momentum * v.to(cd) + d
+            w = w - lr * v_new
+            _commit_(v, v_new, skip)
+        _commit_(master if master is not None else p, w, skip)
+        new_momenta.append(v_new)
+    return _sum_of_squares(new_momenta, norm_dtype, device)
+
+
+def adamw_msam_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    masters: Sequence[Optional[Tensor]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    coef: Tensor,
+    norm_dtype: torch.dtype,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> Tensor:
+    """First pass of AdamW-MSAM (SPEC §1 steps 1-4); returns the bucket's sum of ``m**2``.
+
+    ``steps`` are per-parameter 0-d float32 counters on the device; they advance only for
+    parameters that got a gradient and only when the step is not skipped.
+    """
+    device = params[0].device
+    skip = _skip_mask(found_inf, device)
+    new_exp_avgs = []
+    for p, g, m, s, t, master in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters):
+        cd = compute_dtype(p.dtype)
+        w = _true_weights(p, m, master, coef)
+        if g is None:
+            m_new = m.to(cd)
+        else:
+            g = _unscaled(g, grad_scale)
+            m_new = beta1 * m.to(cd) + (1 - beta1) * g
+            s_new = beta2 * s.to(cd) + (1 - beta2) * g * g
+            t_new = t + 1
+            tc = t_new.to(cd)
+            bias1 = 1 - torch.pow(torch.tensor(beta1, dtype=cd, device=device), tc)
+            bias2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=cd, device=device), tc))
+            w = w - (lr / bias1) * m_new / (torch.sqrt(s_new) / bias2_sqrt + eps)
+            w = w * (1 - lr * weight_decay)
+            _commit_(m, m_new, skip)
+            _commit_(s, s_new, skip)
+            _commit_(t, t_new, skip)
+        _commit_(master if master is not None else p, w, skip)
+        new_exp_avgs.append(m_new)
+    return _sum_of_squares(new_exp_avgs, norm_dtype, device)
+
+
+def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
+                      found_inf: Optional[Tensor] = None) -> Tensor:
+    """Finalize: ``c = rho / (||x|| + EPS_NORM)`` from the global sum of squares, on the device.
+
+    A skipped step keeps the old coefficient, so the parameters keep holding ``w - c_old * v``.
+    """
+    coef = rho / (torch.sqrt(sum_of_squares) + EPS_NORM)
+    coef = coef.to(coef_old.dtype)
+    skip = _skip_mask(found_inf, coef.device)
+    return coef if skip is None else torch.where(skip, coef_old, coef)
+
+
+def apply_perturbation_(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    masters: Sequence[Optional[Tensor]],
+    *,
+    coef: Tensor,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Second pass (SPEC §1 step 6): ``p = w - c * direction``, with ``w`` where the first pass
+    left it (in the parameter itself, or in the master copy)."""
+    skip = _skip_mask(found_inf, params[0].device)
+    for p, x, master in zip(params, directions, masters):
+        cd = compute_dtype(p.dtype)
+        w = (master if master is not None else p).to(cd)
+        _commit_(p, w - coef.to(cd) * x.to(cd), skip)
+
+
+def remove_perturbation_(
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    masters: Sequence[Optional[Tensor]],
+    *,
+    coef: Tensor,
+) -> None:
+    """Put the true weights ``w`` into the parameters (for evaluation and export)."""
+    for p, x, master in zip(params, directions, masters):
+        p.copy_(_true_weights(p, x, master, coef).to(p.dtype))
+
+
+def sam_ascent_sum_of_squares(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    adaptive: bool,
+    norm_dtype: torch.dtype,
+) -> Tensor:
+    """SAM's ascent norm, first half: the bucket's sum of squares of ``g`` (or ``|w| * g``)."""
+    terms = []
+    for p, g in zip(params, grads):
+        cd = compute_dtype(p.dtype)
+        terms.append(p.to(cd).abs() * g.to(cd) if adaptive else g)
+    return _sum_of_squares(terms, norm_dtype, params[0].device)
+
+
+def sam_ascent_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    *,
+    scale: Tensor,
+    adaptive: bool,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """SAM's ascent: remember ``w`` in ``backups``, then ``p = w + e`` with
+    ``e = scale * g`` (or ``scale * w**2 * g`` when adaptive) and ``scale = rho / ||.||``.
+
+    Restoring copies the backup back, so the return to ``w`` is exact bit for bit.
+    """
+    skip = _skip_mask(found_inf, params[0].device)
+    for p, g, backup in zip(params, grads, backups):
+        cd = compute_dtype(p.dtype)
+        backup.copy_(p)
+        w = p.to(cd)
+        e = scale.to(cd) * g.to(cd)
+        if adaptive:
+            e = e * w * w
+        _commit_(p, w + e, skip)
+
+
+def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """SAM's descent side: put the remembered weights back."""
+    torch._foreach_copy_(list(params), list(backups))

@@ -1,0 +1,259 @@
+"""SAM: the two-pass baseline MSAM is measured against, wrapping any base optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from msam_fused import backends
+from msam_fused.nonfinite import step_skip_flag
+from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
+                                   describe_param)
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization (Foret et al.) around any ``torch.optim`` optimizer.
+
+    Each step takes two forward/backward passes: the gradient ``g1`` at ``w`` gives the ascent
+    ``e = rho * g1 / (||g1|| + 1e-12)`` (adaptive: ``e = rho * w**2 * g1 / || |w| * g1 ||``,
+    the norm global over all param groups); the gradient ``g2`` at ``w + e`` drives the base
+    optimizer's step from ``w``. ``w`` is remembered, not recomputed, so the return is exact.
+
+    Usage (the second pass must not update BatchNorm statistics)::
+
+        sam = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward()                 # g1 at w
+        sam.first_step(zero_grad=True)                  # move to w + e
+        with disable_running_stats(model):
+            loss_fn(model(x), y).backward()             # g2 at w + e
+        sam.second_step(zero_grad=True)                 # back to w, base step with g2
+
+    or ``sam.step(closure)`` after the first backward, with a closure that runs the second
+    forward/backward (inside ``disable_running_stats``). Clip gradients (if at all) on ``g2``,
+    just before :meth:`second_step`. Under an AMP ``GradScaler``, call ``scaler.step(sam)``
+    in place of ``second_step()``: the ascent is scale-invariant, and the scaler's
+    ``found_inf`` skips the base step.
+
+    The wrapper shares ``param_groups`` and ``state`` with the base optimizer (the same
+    objects): LR schedulers may be attached to either, ``add_param_group`` fills in the base
+    optimizer's defaults, and ``state_dict()`` is the base optimizer's (groups also carry
+    ``rho`` and ``adaptive``), so a resumed run continues exactly.
+
+    Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
+    perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
+    happens on the device; otherwise deciding it reads one flag on the host.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False, *,
+                 backend: str = "auto", nonfinite: str = "skip", **base_kwargs: Any):
+        if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
+            raise TypeError("SAM: base_optimizer must be an optimizer class such as torch.optim.SGD "
+                            f"(its arguments go to SAM as keywords), got {base_optimizer!r}")
+        check_number("SAM", "rho", rho)
+        check_nonfinite_policy("SAM", nonfinite)
+        if backend not in backends.BACKEND_NAMES:
+            raise ValueError(f"SAM: unknown backend {backend!r}; choose one of "
+                             f"{', '.join(backends.BACKEND_NAMES)}")
+        self.base_optimizer = base_optimizer(params, **base_kwargs)
+        self.backend_request = backend
+        self.nonfinite = nonfinite
+        self._backends: dict[torch.device, Any] = {}
+        self._backups: dict[Tensor, Tensor] = {}
+        self._pending: Optional[tuple] = None
+        self._skipped_steps: Optional[Tensor] = None
+        self._adopting = True
+        defaults = {**self.base_optimizer.defaults, "rho": rho, "adaptive": bool(adaptive)}
+        super().__init__(self.base_optimizer.param_groups, defaults)
+        self._adopting = False
+        self._share_base()
+
+    def _share_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict) -> None:
+        where = "SAM"
+        index = len(self.param_groups)
+        if not self._adopting:
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            param_group["params"] = params
+            check_new_params(where, index, param_group,
+                             [p for g in self.param_groups for p in g["params"]])
+        param_group.setdefault("rho", self.defaults["rho"])
+        param_group.setdefault("adaptive", self.defaults["adaptive"])
+        check_number(f"SAM param group {index}", "rho", param_group["rho"])
+        for p in param_group["params"]:
+            if p.device not in self._backends:
+                self._backends[p.device] = backends.resolve(self.backend_request, p.device)
+        if self._adopting:
+            self.param_groups.append(param_group)  # already in the base optimizer
+        else:
+            self.base_optimizer.add_param_group(param_group)
+
+    @property
+    def backend(self) -> str | dict:
+        names = {str(d): b.name for d, b in self._backends.items()}
+        return next(iter(names.values())) if len(set(names.values())) == 1 else names
+
+    @property
+    def skipped_steps(self) -> int:
+        return 0 if self._skipped_steps is None else int(self._skipped_steps)
+
+    def _buckets(self, where: str) -> tuple[list[tuple], list]:
+        """(group, device, params, grads) per bucket, for parameters that have a gradient."""
+        buckets: dict[tuple, tuple] = {}
+        labelled = []
+        for gi, group in enumerate(self.param_groups):
+            check_number(f"{where}: param group {gi}", "rho", group["rho"])
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                what = describe_param(group, gi, i, p)
+                if p.grad.is_sparse or p.grad.is_complex():
+                    raise RuntimeError(f"{where}: {what} has a sparse or complex gradient; SAM needs "
+                                       "dense real gradients")
+                key = (gi, p.device, p.dtype)
+                if key not in buckets:
+                    buckets[key] = (group, p.device, [], [])
+                buckets[key][2].append(p)
+                buckets[key][3].append(p.grad)
+                labelled.append((p.grad, what))
+        return list(buckets.values()), labelled
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``."""
+        where = "SAM.first_step"
+        if self._pending is not None:
+            raise RuntimeError(f"{where}() was called twice; call second_step() in between")
+        buckets, labelled = self._buckets(where)
+        if not buckets:
+            raise RuntimeError(f"{where}(): no parameter has a gradient; run backward() first")
+        norm_device = buckets[0][1]
+        norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
+            else torch.float32
+        found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
+                                   [w for _, w in labelled], norm_device, None)
+        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        for group, device, params, grads in buckets:
+            sq = self._backends[device].sam_ascent_sum_of_squares(
+                params, grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+            total = total + sq.to(norm_device, non_blocking=True)
+        zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        for group, device, params, grads in buckets:
+            scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
+            backups = [self._backup_of(p) for p in params]
+            self._backends[device].sam_ascent_(
+                params, grads, backups, scale=scale.to(device, non_blocking=True),
+                adaptive=group["adaptive"],
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
+        self._pending = ([(device, params) for _, device, params, _ in buckets], found_inf)
+        if zero_grad:
+            self.zero_grad()
+
+    def _backup_of(self, p: Tensor) -> Tensor:
+        backup = self._backups.get(p)
+        if backup is None or backup.shape != p.shape or backup.dtype != p.dtype:
+            backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return backup
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` exactly and take the base optimizer's step with the new gradients."""
+        where = "SAM.second_step"
+        if self._pending is None:
+            raise RuntimeError(f"{where}() was called without first_step()")
+        perturbed, first_inf = self._pending
+        for device, params in perturbed:
+            self._backends[device].sam_restore_(params, [self._backups[p] for p in params])
+        self._pending = None
+        grads = [(p.grad, describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
+                 for i, p in enumerate(g["params"]) if p.grad is not None]
+        device = grads[0][0].device if grads else None
+        second_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in grads],
+                                    [w for _, w in grads], device, getattr(self, "found_inf", None)) \
+            if grads else None
+        found_inf = _either(first_inf, second_inf)
+        self._base_step(found_inf, getattr(self, "grad_scale", None), [g for g, _ in grads])
+        if found_inf is not None:
+            skipped = (found_inf != 0).to(torch.int64)
+            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
+        base = self.base_optimizer
+        device_side = getattr(base, "_step_supports_amp_scaling", False) and all(
+            g.get("fused", False) for g in self.param_groups)
+        if found_inf is None and grad_scale is None:
+            base.step()
+        elif device_side:
+            base.grad_scale, base.found_inf = grad_scale, (found_inf if found_inf is None else found_inf.float())
+            try:
+                base.step()
+            finally:
+                del base.grad_scale, base.found_inf
+        else:
+            if grad_scale is not None:
+                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+            if found_inf is None or not bool(found_inf):
+                base.step()
+
+    def step(self, closure=None):
+        """``step(closure)``: after the first backward, ascend, run ``closure`` (the second
+        forward/backward, returning the loss) at ``w + e``, return and take the base step.
+        ``step()`` with no closure finishes a step begun with :meth:`first_step` (this is
+        what ``GradScaler.step(sam)`` calls)."""
+        if closure is None:
+            if self._pending is None:
+                raise RuntimeError("SAM.step() needs a closure that runs the second forward and "
+                                   "backward pass, or a first_step() before it")
+            return self.second_step()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        where = "SAM.load_state_dict"
+        if self._pending is not None:
+            raise RuntimeError(f"{where}: a step is half done (first_step without second_step)")
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if groups is None or "state" not in state_dict:
+            raise ValueError(f"{where}: not an optimizer state dict (needs 'state' and 'param_groups')")
+        for gi, group in enumerate(groups):
+            if "rho" not in group or "adaptive" not in group:
+                raise ValueError(f"{where}: param group {gi} has no 'rho'/'adaptive': the state "
+                                 "dict was not saved by msam_fused.SAM")
+            check_number(f"{where}: saved param group {gi}", "rho", group["rho"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state dict has {len(groups)} param groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where}: param group {gi} has {len(saved['params'])} parameters "
+                                 f"in the state dict and {len(group['params'])} here: another model?")
+            for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                for name, value in state_dict["state"].get(key, {}).items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(
+                            f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
+                            f"{tuple(value.shape)}: the state dict is from another model")
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base()
+
+
+def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None or b is None:
+        return a if b is None else b
+    return (a != 0) | (b.to(a.device) != 0)

@@ -1,0 +1,82 @@
+"""Checks on user input. Each raises before anything is modified, naming the problem."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+import torch
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def check_number(where: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+                 high_inclusive: bool = False) -> None:
+    """``value`` must be a real Python number in ``[low, high)`` (or ``[low, high]``)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a Python float, got {type(value).__name__} {value!r}")
+    if value != value:
+        raise ValueError(f"{where}: invalid {name}={value!r}: must not be NaN")
+    if value < low:
+        raise ValueError(f"{where}: invalid {name}={value!r}: must be >= {low}")
+    if high is not None and (value > high if high_inclusive else value >= high):
+        bound = f"<= {high}" if high_inclusive else f"< {high}"
+        raise ValueError(f"{where}: invalid {name}={value!r}: must be {bound}")
+
+
+def check_betas(where: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(where, f"betas[{i}]", beta, low=0.0, high=1.0)
+
+
+def check_nonfinite_policy(where: str, policy: Any) -> None:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+
+
+def describe_param(group: dict, group_index: int, index: int, param: torch.Tensor) -> str:
+    names = group.get("param_names")
+    label = f" '{names[index]}'" if names else ""
+    return f"parameter {index}{label} of param group {group_index} (shape {tuple(param.shape)})"
+
+
+def check_new_params(where: str, group_index: int, group: dict,
+                     known: Iterable[torch.Tensor]) -> None:
+    """A param group being added: no duplicates, no complex or non-float parameters."""
+    params = group["params"]
+    if len(params) == 0:
+        raise ValueError(f"{where}: param group {group_index} has an empty parameter list")
+    seen = {id(p) for p in known}
+    for i, p in enumerate(params):
+        what = describe_param(group, group_index, i, p)
+        if id(p) in seen:
+            raise ValueError(f"{where}: {what} is listed more than once in the optimizer")
+        seen.add(id(p))
+        if p.is_complex():
+            raise TypeError(f"{where}: {what} is complex ({p.dtype}); complex parameters are not "
+                            "supported (optimize torch.view_as_real(p) instead)")
+        if not p.is_floating_point():
+            raise TypeError(f"{where}: {what} has dtype {p.dtype}; only floating-point "
+                            "parameters can be optimized")
+
+
+def check_param_for_step(where: str, what: str, p: torch.Tensor, layout: tuple) -> None:
+    """The parameter is where it was when the optimizer was built, with a usable gradient."""
+    device, dtype = layout
+    if p.device != device or p.dtype != dtype:
+        raise RuntimeError(
+            f"{where}: {what} was {device}/{dtype} when the optimizer was built and is now "
+            f"{p.device}/{p.dtype}; move or cast the model before building the optimizer")
+    g = p.grad
+    if g is None:
+        return
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"{where}: {what} has a sparse gradient ({g.layout}); MSAM needs dense "
+                           "gradients (e.g. nn.Embedding(sparse=False))")
+    if g.is_complex():
+        raise RuntimeError(f"{where}: {what} has a complex gradient; complex gradients are not supported")
+    if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+        raise RuntimeError(f"{where}: {what} has a gradient of {g.device}/{g.dtype} shape "
+                           f"{tuple(g.shape)}, which does not match the parameter")

@@ -1,0 +1,69 @@
+"""One stream of gradients to drive two implementations identically (SPEC §8).
+
+Gradients come from seeded noise plus a small multiple of the parameter (so the dynamics
+react to the weights) rather than from a training model, whose chaotic dynamics amplify a
+one-ulp difference to order one within ~150 steps.
+"""
+
+import torch
+
+# Three param groups; shapes include 0-d, one element and sizes that are no multiple of a
+# vector width or block.
+GROUP_SHAPES = [[(5, 3), (7,), (33,)], [(4, 4, 2), (), (129,)], [(1,), (13, 3), (1025,)]]
+MSAM_HYPERS = [dict(lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.5),
+               dict(lr=0.05, momentum=0.8, weight_decay=1e-3, rho=0.2),
+               dict(lr=0.2, momentum=0.95, weight_decay=0.0, rho=1.0)]
+ADAMW_HYPERS = [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, rho=0.5),
+                dict(lr=5e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, rho=0.2),
+                dict(lr=2e-2, betas=(0.95, 0.9), eps=1e-8, weight_decay=0.01, rho=1.0)]
+GRAD_WEIGHT = 0.1
+
+
+def initial_params(dtype, seed=0, group_shapes=GROUP_SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
+            for shapes in group_shapes]
+
+
+class GradientStream:
+    """``grad(step, gi, i, p)``: seeded noise for (step, gi, i) plus ``GRAD_WEIGHT * p``.
+
+    ``missing(step, gi, i)`` says which parameters get no gradient in a step: one parameter
+    every third step, and one parameter that gets its first gradient only at step 10.
+    """
+
+    def __init__(self, seed=1, group_shapes=GROUP_SHAPES):
+        self.seed = seed
+        self.group_shapes = group_shapes
+
+    def missing(self, step, gi, i):
+        if (gi, i) == (1, 1):
+            return step % 3 == 2
+        if (gi, i) == (2, 0):
+            return step < 10
+        return False
+
+    def grad(self, step, gi, i, p):
+        if self.missing(step, gi, i):
+            return None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + gi * 101 + i)
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        return (noise + GRAD_WEIGHT * p.detach().double()).to(p.dtype)
+
+    def grads(self, step, groups):
+        return [[self.grad(step, gi, i, p) for i, p in enumerate(ps)] for gi, ps in enumerate(groups)]
+
+
+def relative_error(actual, expected):
+    """max |a - e| / max |e| over lists (of lists) of tensors, in float64."""
+    a = torch.cat([t.double().reshape(-1) for t in _flat(actual)])
+    e = torch.cat([t.double().reshape(-1) for t in _flat(expected)])
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-300))
+
+
+def _flat(nested):
+    for x in nested:
+        if isinstance(x, torch.Tensor):
+            yield x
+        else:
+            yield from _flat(x)
