@@ -1,0 +1,55 @@
+"""Matplotlib figures of the benchmarks (written as PNG, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(histories: dict, path) -> None:
+    """Test accuracy and train/test loss against epochs and against wall time, per optimizer."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        wall = [h["wall_time_s"] for h in history]
+        for col, xs in enumerate((epochs, wall)):
+            line, = axes[0, col].plot(xs, [100 * h["test_acc"] for h in history], marker=".", label=name)
+            axes[1, col].plot(xs, [h["train_loss"] for h in history], color=line.get_color(),
+                              label=f"{name} train")
+            axes[1, col].plot(xs, [h["test_loss"] for h in history], color=line.get_color(),
+                              linestyle="--", label=f"{name} test")
+    for col, xlabel in enumerate(("epoch", "wall time [s]")):
+        axes[0, col].set(xlabel=xlabel, ylabel="test accuracy [%]")
+        axes[1, col].set(xlabel=xlabel, ylabel="loss", yscale="log")
+        axes[0, col].legend(fontsize=8)
+        axes[1, col].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_bars(panels: list, labels: list, path, title: str = "") -> None:
+    """Horizontal bar charts side by side; each panel is (xlabel, values, reference line or None)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(labels) + 1.5),
+                             squeeze=False)
+    for ax, (xlabel, values, reference) in zip(axes[0], panels):
+        ax.barh(range(len(labels)), values, color="tab:blue")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        if reference is not None:
+            ax.axvline(reference, color="black", linewidth=0.8, linestyle="--")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
