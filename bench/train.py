@@ -31,8 +31,8 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 from torch import nn
