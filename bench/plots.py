@@ -37,19 +37,27 @@ def plot_curves(histories: dict, path) -> None:
     _save(fig, path)
 
 
-def plot_bars(panels: list, labels: list, path, title: str = "") -> None:
-    """Horizontal bar charts side by side; each panel is (xlabel, values, reference line or None)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(labels) + 1.5),
+def plot_bars(panels: list, labels: list, path, title: str = "", log: bool = False,
+              columns: int = 3) -> None:
+    """Horizontal bar charts on a grid; each panel is (xlabel, values, reference line or None)."""
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, rows * (0.3 * len(labels) + 1.2) + 0.6),
                              squeeze=False)
-    for ax, (xlabel, values, reference) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for i, (ax, (xlabel, values, reference)) in enumerate(zip(axes.flat, panels)):
         ax.barh(range(len(labels)), values, color="tab:blue")
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if i % cols == 0 else [""] * len(labels), fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel, fontsize=9)
+        if log:
+            ax.set_xscale("log")
         if reference is not None:
             ax.axvline(reference, color="black", linewidth=0.8, linestyle="--")
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
+        for j, v in enumerate(values):
+            if v > 0:
+                ax.text(v, j, f" {v:.3g}", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path)
