@@ -317,7 +317,8 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sets and few repeats (minutes on a CPU)")
-    p.add_argument("--param-sets", help=f"comma-separated, from {', '.join(MODEL_SETS)}")
+    p.add_argument("--param-sets", help=f"comma-separated, from {', '.join(MODEL_SETS)}; "
+                   "'none' for the synthetic sweep alone")
     p.add_argument("--sweep-totals", help="synthetic sets: total elements, comma-separated (e.g. 1M,16M)")
     p.add_argument("--sweep-tensors", help="synthetic sets: numbers of tensors, comma-separated")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -332,7 +333,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
-    names = args.param_sets.split(",") if args.param_sets else (
+    names = [n for n in args.param_sets.split(",") if n != "none"] if args.param_sets else (
         ["wrn-16-4", "resnet50"] if args.quick else list(MODEL_SETS))
     for name in names:
         if name not in MODEL_SETS:
