@@ -136,7 +136,7 @@ def _short(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ timing
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -149,7 +149,7 @@ def time_step(step: Callable, device: torch.device, warmup: int, repeats: int) -
     """
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         samples = _cuda_event_times(step, min(repeats, 5))
         try:
@@ -203,11 +203,11 @@ def launches_per_step(step: Callable, device: torch.device, steps: int = 3) -> f
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
     events = prof.events()
     if device.type == "cuda":
         count = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -255,7 +255,7 @@ def bench_set(set_name, shapes, all_cases, args, device, dtype, copy_bps) -> lis
             steps.pop(case.label, None)
             rows.append({"param_set": set_name, "algorithm": case.algorithm, "impl": case.impl,
                          "skipped": str(err).splitlines()[0]})
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         timed = {label: time_step(step, device, 0, args.repeats) for label, (_, step) in steps.items()}
     else:
