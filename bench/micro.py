@@ -183,7 +183,7 @@ def _cuda_event_times(step: Callable, repeats: int) -> list:
 
 def summarize(samples: list) -> dict:
     ordered = sorted(samples)
-    q = statistics.quantiles(ordered, n=10) if len(ordered) > 1 else ordered * 9
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else ordered * 9
     return {"median": statistics.median(ordered), "p10": q[0], "p90": q[-1],
             "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
 
@@ -196,7 +196,7 @@ def copy_bandwidth(device: torch.device, numel: int, warmup: int, repeats: int) 
     return 2 * 4 * numel / statistics.median(samples)
 
 
-def launches_per_step(step: Callable, device: torch.device, steps: int = 3) -> float:
+def launches_per_step(step: Callable, device: torch.device, steps: int = 1) -> float:
     """CUDA: device activities (kernels, copies) per step. CPU: operator calls per step that
     are not inside another operator (what a CPU "launch" is: one dispatch)."""
     from torch.profiler import ProfilerActivity, profile

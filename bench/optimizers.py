@@ -89,6 +89,16 @@ def no_sync_of(model: nn.Module):
     return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
 
 
+def synced_ascent(model: nn.Module):
+    """SAM's ascent pass with DDP's usual all-reduce: every rank ascends along the global g1."""
+    return nullcontext()
+
+
+#: ``--sam-ascent``: SAM's first pass per rank ("local", the default: no extra all-reduce, as
+#: in SAM's m-sharpness) or on the all-reduced gradient ("global").
+SAM_ASCENTS = {"local": no_sync_of, "global": synced_ascent}
+
+
 @dataclass
 class StepConfig:
     """How a training step runs, apart from model and optimizer."""

@@ -41,8 +41,8 @@ import msam_fused
 from bench import checkpoint, ddp
 from bench.data import DATASETS, DataError, load_data
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
-from bench.optimizers import (OPTIMIZERS, TORCH_IMPLS, Hyper, StepConfig, base_of, build_optimizer,
-                              optimizer_backend, train_step)
+from bench.optimizers import (OPTIMIZERS, SAM_ASCENTS, TORCH_IMPLS, Hyper, StepConfig, base_of,
+                              build_optimizer, optimizer_backend, train_step)
 
 CHECKPOINT_FORMAT = 1
 
@@ -74,7 +74,7 @@ TRAJECTORY_FLAGS = ("model", "data", "optimizer", "backend", "torch_impl", "lr",
                     "weight_decay", "beta1", "beta2", "eps", "sam_rho", "msam_rho", "batch_size",
                     "epochs", "schedule", "warmup_epochs", "rho_warmup_epochs", "label_smoothing",
                     "clip_grad", "amp", "seed", "image_size", "num_classes", "synthetic_steps",
-                    "channels_last", "sync_bn")
+                    "channels_last", "sync_bn", "sam_ascent")
 
 
 class UsageError(ValueError):
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="msam_fused backend for SAM/MSAM")
     opt.add_argument("--torch-impl", default="default", choices=TORCH_IMPLS,
                      help="torch.optim implementation for SGD/NAG/AdamW and SAM's base")
+    opt.add_argument("--sam-ascent", default="local", choices=sorted(SAM_ASCENTS),
+                     help="SAM under DDP: ascend on each rank's own gradient (local, no extra "
+                     "all-reduce) or on the all-reduced one (global)")
     opt.add_argument("--lr", type=float)
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--weight-decay", "--wd", type=float, dest="weight_decay")
@@ -237,7 +240,7 @@ class Run:
         self.step_cfg = StepConfig(
             loss_fn=partial(nn.functional.cross_entropy, label_smoothing=args.label_smoothing),
             autocast=self.autocast, scaler=self.scaler, clip_grad=args.clip_grad,
-            channels_last=args.channels_last)
+            channels_last=args.channels_last, ascent_context=SAM_ASCENTS[args.sam_ascent])
         self.epoch, self.step = 0, 0                 # the data position: next batch to train on
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         self.history: list[dict] = []

@@ -13,7 +13,7 @@ import torch
 
 import msam_fused
 from msam_fused import backends, reference
-from bench import micro, speed_ratio
+from bench import micro, report, speed_ratio
 from bench.models import parameter_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +59,8 @@ def test_micro_times_every_available_backend_and_writes_json_and_png(tmp_path, f
     assert launches[("msam", "reference", 3)] > launches[("msam", "reference", 1)]
     assert launches[("sgd", "torch-fused", 3)] == launches[("sgd", "torch-fused", 1)]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    table = report.main([str(out)])
+    assert "| msam[reference] |" in table and "synthetic-4Kx3" in table
 
 
 def test_minimal_bytes_follow_the_documented_passes():
@@ -85,6 +87,7 @@ def test_speed_ratio_runs_each_backend_and_reports_state_memory(tmp_path, fake_b
         expected = 2.0 if label.startswith("sam") else 1.0
         assert row["memory_ratio"] == pytest.approx(expected, rel=1e-3)
     assert out.with_suffix(".png").stat().st_size > 0
+    assert "| sgd[fused] |" in report.main([str(out)])
 
 
 def test_speed_ratio_adamw_family_is_compared_with_adamw(tmp_path):
