@@ -338,11 +338,11 @@ def main(argv=None) -> dict:
     for name in names:
         if name not in MODEL_SETS:
             p.error(f"--param-sets: unknown set {name!r}; choose from {', '.join(MODEL_SETS)}")
-    totals = _sizes(p, args.sweep_totals, "1M,4M" if args.quick else ("1M,16M,64M" if on_gpu else "1M,8M"))
+    totals = _sizes(p, args.sweep_totals, "4M" if args.quick else ("1M,16M,64M" if on_gpu else "1M,8M"))
     counts = _sizes(p, args.sweep_tensors, "1,64,512" if args.quick else "1,16,256,1024")
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     args.repeats = args.repeats if args.repeats is not None else (
-        (100 if on_gpu else 7) if args.quick else (300 if on_gpu else 15))
+        (100 if on_gpu else 5) if args.quick else (300 if on_gpu else 15))
     dtype = getattr(torch, args.dtype)
     all_cases, unavailable = cases(device)
     if args.only:
