@@ -320,14 +320,15 @@ class MomentumAscentOptimizer(Optimizer):
         self._check_loadable(state_dict, tag)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        # torch casts every floating state tensor to the parameter's dtype; our state keeps
-        # fp32 for low-precision parameters and the coefficient in the norm dtype.
+        # torch casts every floating state tensor to the parameter's dtype (our state keeps
+        # fp32 for low-precision parameters and the coefficient in the norm dtype) and may
+        # alias the given tensors (so two optimizers would share state): copy instead.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
             if i in saved_state:
                 spec = self._state_spec(p)
-                self.state[p] = {k: v.to(device=p.device, dtype=spec[k][1])
+                self.state[p] = {k: v.to(device=p.device, dtype=spec[k][1], copy=True)
                                  for k, v in saved_state[i].items()}
         for group in self.param_groups:  # one coefficient object per group, as a step leaves it
             coef = None

@@ -163,12 +163,19 @@ class SAM(Optimizer):
             backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return backup
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Return to ``w`` exactly and take the base optimizer's step with the new gradients."""
-        where = "SAM.second_step"
+        """Return to ``w`` exactly and take the base optimizer's step with the new gradients.
+
+        Runs through :meth:`step`, so LR schedulers and step hooks see every SAM step."""
         if self._pending is None:
-            raise RuntimeError(f"{where}() was called without first_step()")
+            raise RuntimeError("SAM.second_step() was called without first_step()")
+        self.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def _finish_step(self) -> None:
+        where = "SAM.second_step"
         perturbed, first_inf = self._pending
         for device, params in perturbed:
             self._backends[device].sam_restore_(params, [self._backups[p] for p in params])
@@ -184,8 +191,6 @@ class SAM(Optimizer):
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
-        if zero_grad:
-            self.zero_grad()
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
         base = self.base_optimizer
@@ -214,11 +219,11 @@ class SAM(Optimizer):
             if self._pending is None:
                 raise RuntimeError("SAM.step() needs a closure that runs the second forward and "
                                    "backward pass, or a first_step() before it")
-            return self.second_step()
+            return self._finish_step()
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             loss = closure()
-        self.second_step()
+        self._finish_step()
         return loss
 
     def state_dict(self) -> dict:
@@ -249,6 +254,11 @@ class SAM(Optimizer):
                         raise ValueError(
                             f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
                             f"{tuple(value.shape)}: the state dict is from another model")
+        # torch's load_state_dict may alias the given tensors (two optimizers would then share
+        # momentum buffers): hand it copies.
+        state_dict = {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
+                                                  for n, v in s.items()}
+                                              for k, s in state_dict["state"].items()}}
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base()
 
