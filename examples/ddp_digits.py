@@ -108,6 +108,8 @@ def main(argv=None):
         args.ascent = "global" if args.fsdp else DEFAULT_ASCENT
 
     use_cuda = torch.cuda.is_available()
+    if args.sync_bn and not use_cuda:
+        raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")

@@ -49,9 +49,11 @@ class Bucket:
     states: list = field(default_factory=list)
     backend: Any = None
     norm_weight: float = 1.0  # what its sum of squares counts for in the global norm (sharding)
+    sharded: bool = False     # params, grads and state are DTensors: hand the backend local shards
 
     def column(self, key: str) -> list:
-        return [sharding.local(state.get(key)) for state in self.states]
+        values = [state.get(key) for state in self.states]
+        return [sharding.local(v) for v in values] if self.sharded else values
 
 
 class MomentumAscentOptimizer(Optimizer):
@@ -253,6 +255,7 @@ class MomentumAscentOptimizer(Optimizer):
                     sharding.check_grad(where, what, p)
         buckets: dict[tuple, Bucket] = {}
         labelled_grads = []
+        sharded = self._sharding is not None
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p)
@@ -260,14 +263,14 @@ class MomentumAscentOptimizer(Optimizer):
                     continue  # never had a gradient: no state, no perturbation
                 if not state:
                     state = self.state[p] = self._init_state(p)
-                weight = 1.0 if self._sharding is None else self._sharding.weight(p)
+                weight = self._sharding.weight(p) if sharded else 1.0
                 key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
                     buckets[key] = Bucket(group, p.device, backend=self._backends[p.device],
-                                          norm_weight=weight)
+                                          norm_weight=weight, sharded=sharded)
                 b = buckets[key]
-                grad = sharding.local(p.grad)
-                b.params.append(sharding.local(p))
+                grad = sharding.local(p.grad) if sharded else p.grad
+                b.params.append(sharding.local(p) if sharded else p)
                 b.grads.append(grad)
                 b.states.append(state)
                 if grad is not None:
@@ -284,7 +287,8 @@ class MomentumAscentOptimizer(Optimizer):
                     continue
                 key = (gi, p.device, p.dtype)
                 if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
+                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device],
+                                          sharded=self._sharding is not None)
                 buckets[key].params.append(sharding.local(p))
                 buckets[key].states.append(state)
         return list(buckets.values())

@@ -136,7 +136,7 @@ class SAM(Optimizer):
                 key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
                     buckets[key] = (group, p.device, [], [], weight)
-                grad = sharding.local(p.grad)
+                grad = p.grad if self._sharding is None else sharding.local(p.grad)
                 buckets[key][2].append(p)
                 buckets[key][3].append(grad)
                 labelled.append((grad, what))
@@ -173,7 +173,7 @@ class SAM(Optimizer):
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         for group, device, params, grads, weight in buckets:
             sq = self._backends[device].sam_ascent_sum_of_squares(
-                _locals(params), grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+                self._locals(params), grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
             if weight != 1.0:
                 sq = sq * weight
             total = total + sq.to(norm_device, non_blocking=True)
@@ -184,16 +184,20 @@ class SAM(Optimizer):
             scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
             backups = [self._backup_of(p) for p in params]
             self._backends[device].sam_ascent_(
-                _locals(params), grads, backups, scale=scale.to(device, non_blocking=True),
+                self._locals(params), grads, backups, scale=scale.to(device, non_blocking=True),
                 adaptive=group["adaptive"],
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
         self._pending = ([(device, params) for _, device, params, _, _ in buckets], found_inf)
         if zero_grad:
             self.zero_grad()
 
+    def _locals(self, params: list) -> list:
+        """The tensors the backends work on: the parameters, or their local shards."""
+        return params if self._sharding is None else [sharding.local(p) for p in params]
+
     def _backup_of(self, p: Tensor) -> Tensor:
         """Where ``w`` of ``p`` (of its local shard) is kept during the second pass."""
-        x = sharding.local(p)
+        x = p if self._sharding is None else sharding.local(p)
         backup = self._backups.get(p)
         if backup is None or backup.shape != x.shape or backup.dtype != x.dtype:
             backup = self._backups[p] = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -207,10 +211,11 @@ class SAM(Optimizer):
             raise RuntimeError(f"{where}() was called without first_step()")
         perturbed, first_inf = self._pending
         for device, params in perturbed:
-            self._backends[device].sam_restore_(_locals(params), [self._backups[p] for p in params])
+            self._backends[device].sam_restore_(self._locals(params),
+                                                [self._backups[p] for p in params])
         self._pending = None
-        grads = [(sharding.local(p.grad), describe_param(g, gi, i, p))
-                 for gi, g in enumerate(self.param_groups)
+        grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
+                  describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
         device = grads[0][0].device if grads else None
         second_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in grads],
@@ -288,10 +293,6 @@ class SAM(Optimizer):
                             f"{tuple(value.shape)}: the state dict is from another model")
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base()
-
-
-def _locals(params: list) -> list:
-    return [sharding.local(p) for p in params]
 
 
 def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
