@@ -29,7 +29,7 @@ GROUP_SHAPES = [[(5, 3), (7,), (33,)], [(4, 4, 2), (2,), (129,)], [(1,), (13, 3)
 REPLICATED = (0, 1)  # this parameter is Replicate()d, not sharded: its norm counts once
 
 FSDP_CHECKS = ["msam_sharded_equals_unsharded", "adamw_msam_sharded_equals_unsharded",
-               "msam_on_hsdp_mesh_equals_unsharded", "full_state_dict_round_trip_is_exact",
+               "msam_on_hsdp_mesh_equals_unsharded", "bf16_master_weights_sharded_equal_unsharded", "full_state_dict_round_trip_is_exact",
                "sam_sharded_equals_unsharded", "fully_shard_msam_trains_like_one_process",
                "evaluation_under_unperturbed_leaves_training_alone",
                "checkpoint_resumes_exactly_MSAM", "checkpoint_resumes_exactly_AdamWMSAM",
@@ -74,16 +74,20 @@ def drive(opt, params, stream, steps, mesh=None):
         opt.step()
 
 
-def stream_matches_unsharded(cls, hypers, mesh):
+def stream_matches_unsharded(cls, hypers, mesh, dtype=torch.float32, **options):
     stream = GradientStream(group_shapes=GROUP_SHAPES)
-    plain = [[t.clone().requires_grad_() for t in ts] for ts in full_params()]
-    sharded = [[nn.Parameter(shard(t, mesh, gi, i)) for i, t in enumerate(ts)]
+    plain = [[t.to(dtype).requires_grad_() for t in ts] for ts in full_params()]
+    sharded = [[nn.Parameter(shard(t.to(dtype), mesh, gi, i)) for i, t in enumerate(ts)]
                for gi, ts in enumerate(full_params())]
-    plain_opt = cls([{"params": ps, **h} for ps, h in zip(plain, hypers)])
-    sharded_opt = cls([{"params": ps, **h} for ps, h in zip(sharded, hypers)])
+    plain_opt = cls([{"params": ps, **h} for ps, h in zip(plain, hypers)], **options)
+    sharded_opt = cls([{"params": ps, **h} for ps, h in zip(sharded, hypers)], **options)
     drive(plain_opt, plain, stream, STEPS)
     drive(sharded_opt, sharded, stream, STEPS, mesh)
     assert relative_error(gathered(sharded), plain) <= RTOL
+    if options.get("master_weights"):
+        masters = [[opt.state[p]["master_weight"] for p in sum(params, [])]
+                   for opt, params in ((sharded_opt, sharded), (plain_opt, plain))]
+        assert relative_error(gathered(masters[0]), masters[1]) <= RTOL
     with plain_opt.unperturbed(), sharded_opt.unperturbed():
         assert relative_error(gathered(sharded), plain) <= RTOL
 
@@ -182,6 +186,9 @@ def fsdp_job(rank, checks, workdir):
         stream_matches_unsharded(msam_fused.AdamWMSAM, ADAMW_HYPERS, mesh)
     with checks("msam_on_hsdp_mesh_equals_unsharded"):  # 2 replicas of 1 shard: weights 1/2
         stream_matches_unsharded(msam_fused.MSAM, MSAM_HYPERS, init_device_mesh("cpu", (2, 1)))
+    with checks("bf16_master_weights_sharded_equal_unsharded"):  # measured: bit-identical
+        for cls, hypers in ((msam_fused.MSAM, MSAM_HYPERS), (msam_fused.AdamWMSAM, ADAMW_HYPERS)):
+            stream_matches_unsharded(cls, hypers, mesh, torch.bfloat16, master_weights=True)
     with checks("sam_sharded_equals_unsharded"):
         sam_matches_unsharded(mesh)
     with checks("fully_shard_msam_trains_like_one_process"):
