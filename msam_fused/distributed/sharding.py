@@ -7,8 +7,8 @@ turns it into the global one with a single all-reduce on the device (no host syn
 rank perturbs by ``rho / ||x||`` with the norm over the whole model, exactly as unsharded.
 
 A parameter replicated over some mesh dimensions (HSDP's replica dimension, tensor-parallel
-norms) is counted once: its partial sum is weighted by ``1 / replicas``
-before the one all-reduce over the whole mesh.
+norms) is counted once: its partial sum is weighted by ``1 / replicas`` before the one
+all-reduce over the whole mesh.
 
 ``torch.distributed.tensor`` is not imported here: it costs a second at start-up, and no
 parameter can be a DTensor unless someone imported it already.
@@ -28,13 +28,8 @@ NOT_INITIALIZED = ("torch.distributed is not initialised (or its process group w
                    "environment it reads)")
 
 
-def dtensor_type() -> Optional[type]:
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
 def is_dtensor(t: Any) -> bool:
-    cls = dtensor_type()
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     return cls is not None and isinstance(t, cls)
 
 
