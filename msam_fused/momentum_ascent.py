@@ -12,6 +12,10 @@ direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-M
 
 A bucket is the parameters of one param group on one device in one dtype. The step never
 reads a device value on the host (except ``nonfinite="raise"``, which must).
+
+Sharded parameters (DTensors, FSDP2): buckets hold each rank's local shards, and the sum of
+squares and the non-finite flag are all-reduced over the mesh between the passes
+(``msam_fused.distributed.sharding``), so every rank applies the coefficient of the global norm.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused import backends
+from msam_fused.distributed import sharding
 from msam_fused.nonfinite import step_skip_flag
 from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
                                    check_param_for_step, describe_param)
@@ -43,9 +48,12 @@ class Bucket:
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
     backend: Any = None
+    norm_weight: float = 1.0  # what its sum of squares counts for in the global norm (sharding)
+    sharded: bool = False     # params, grads and state are DTensors: hand the backend local shards
 
     def column(self, key: str) -> list:
-        return [state.get(key) for state in self.states]
+        values = [state.get(key) for state in self.states]
+        return [sharding.local(v) for v in values] if self.sharded else values
 
 
 class MomentumAscentOptimizer(Optimizer):
@@ -79,6 +87,7 @@ class MomentumAscentOptimizer(Optimizer):
         self._backends: dict[torch.device, Any] = {}
         self._skipped_steps: Optional[Tensor] = None
         self._unperturbed_depth = 0
+        self._sharding: Optional[sharding.ShardLayout] = None  # set when parameters are DTensors
 
     def __setstate__(self, state: dict) -> None:  # deepcopy / pickle keep only torch's fields
         super().__setstate__(state)
@@ -89,6 +98,7 @@ class MomentumAscentOptimizer(Optimizer):
             self._init_runtime()
             for group in self.param_groups:
                 self._register_group(group)
+            self._sharding = sharding.shard_layout(type(self).__name__, self._all_params())
 
     # ----------------------------------------------------------------------------- hooks
     @classmethod
@@ -110,11 +120,16 @@ class MomentumAscentOptimizer(Optimizer):
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         index = len(self.param_groups)
-        known = [p for g in self.param_groups for p in g["params"]]
+        known = self._all_params()
         check_new_params(where, index, _with_plain_params(group), known)
         self.check_hyperparameters(f"{where} param group {index}", {**self.defaults, **group})
+        layout = sharding.shard_layout(where, known + _with_plain_params(group)["params"])
         super().add_param_group(param_group)
         self._register_group(self.param_groups[-1])
+        self._sharding = layout
+
+    def _all_params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _register_group(self, group: dict) -> None:
         for p in group["params"]:
@@ -151,7 +166,7 @@ class MomentumAscentOptimizer(Optimizer):
 
     def _init_state(self, p: Tensor) -> dict:
         """Zero state; the master copy starts at the weights (no perturbation yet)."""
-        state = {k: torch.zeros(shape, dtype=dtype, device=p.device)
+        state = {k: sharding.zeros_like_param(p, shape, dtype)
                  for k, (shape, dtype) in self._state_spec(p).items()}
         if "master_weight" in state:
             state["master_weight"].copy_(p.detach())
@@ -173,6 +188,8 @@ class MomentumAscentOptimizer(Optimizer):
         where = f"{type(self).__name__}.step"
         if self._unperturbed_depth:
             raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
+        if self._sharding is not None:
+            self._sharding.check_alive(where)
         # The coefficients last applied, read before new parameters get (zero) state.
         coef_old = {id(g): self._group_coef(g) for g in self.param_groups}
         buckets, labelled_grads = self._collect_buckets(where)
@@ -182,7 +199,7 @@ class MomentumAscentOptimizer(Optimizer):
         norm_dtype = self._norm_dtype()
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled_grads],
                                    [label for _, label in labelled_grads], norm_device,
-                                   getattr(self, "found_inf", None))
+                                   getattr(self, "found_inf", None), all_ranks=self._sharding)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
                     else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
@@ -191,7 +208,11 @@ class MomentumAscentOptimizer(Optimizer):
             coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
             sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
                                      _on(found_inf, b.device))
+            if b.norm_weight != 1.0:
+                sq = sq * b.norm_weight
             total = total + sq.to(norm_device, non_blocking=True)
+        if self._sharding is not None:
+            total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
 
         norm_backend = self._backends[norm_device]
         coef_new = {}
@@ -228,9 +249,13 @@ class MomentumAscentOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             self.check_hyperparameters(f"{where}: param group {gi}", group)
             for i, p in enumerate(group["params"]):
-                check_param_for_step(where, describe_param(group, gi, i, p), p, self._layouts[id(p)])
+                what = describe_param(group, gi, i, p)
+                check_param_for_step(where, what, p, self._layouts[id(p)])
+                if self._sharding is not None:
+                    sharding.check_grad(where, what, p)
         buckets: dict[tuple, Bucket] = {}
         labelled_grads = []
+        sharded = self._sharding is not None
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p)
@@ -238,15 +263,18 @@ class MomentumAscentOptimizer(Optimizer):
                     continue  # never had a gradient: no state, no perturbation
                 if not state:
                     state = self.state[p] = self._init_state(p)
-                key = (gi, p.device, p.dtype)
+                weight = self._sharding.weight(p) if sharded else 1.0
+                key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
+                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device],
+                                          norm_weight=weight, sharded=sharded)
                 b = buckets[key]
-                b.params.append(p)
-                b.grads.append(p.grad)
+                grad = sharding.local(p.grad) if sharded else p.grad
+                b.params.append(sharding.local(p) if sharded else p)
+                b.grads.append(grad)
                 b.states.append(state)
-                if p.grad is not None:
-                    labelled_grads.append((p.grad, describe_param(group, gi, i, p)))
+                if grad is not None:
+                    labelled_grads.append((grad, describe_param(group, gi, i, p)))
         return list(buckets.values()), labelled_grads
 
     # ----------------------------------------------------------------- true weights access
@@ -259,8 +287,9 @@ class MomentumAscentOptimizer(Optimizer):
                     continue
                 key = (gi, p.device, p.dtype)
                 if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
-                buckets[key].params.append(p)
+                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device],
+                                          sharded=self._sharding is not None)
+                buckets[key].params.append(sharding.local(p))
                 buckets[key].states.append(state)
         return list(buckets.values())
 
@@ -370,6 +399,9 @@ class MomentumAscentOptimizer(Optimizer):
                     continue
                 what = describe_param(group, gi, index, p)
                 expected = self._state_spec(p)
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        sharding.check_state_layout(where, what, key, value, p)
                 if set(state) != set(expected):
                     raise ValueError(f"{where}: state of {what} has keys {sorted(state)}, expected "
                                      f"{sorted(expected)}: it was not saved by this optimizer")

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused import backends
+from msam_fused.distributed import sharding
 from msam_fused.nonfinite import step_skip_flag
 from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
                                    describe_param)
@@ -45,6 +46,10 @@ class SAM(Optimizer):
     Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
     perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
     happens on the device; otherwise deciding it reads one flag on the host.
+
+    Distributed: under DDP use :func:`msam_fused.distributed.sam_step`, which runs the ascent
+    pass locally per rank (the default) or globally synchronised. With DTensor parameters
+    (FSDP2) the ascent norm is global: one all-reduce of the partial sums of squares.
     """
 
     _step_supports_amp_scaling = True
@@ -66,6 +71,7 @@ class SAM(Optimizer):
         self._backups: dict[Tensor, Tensor] = {}
         self._pending: Optional[tuple] = None
         self._skipped_steps: Optional[Tensor] = None
+        self._sharding: Optional[sharding.ShardLayout] = None
         self._adopting = True
         defaults = {**self.base_optimizer.defaults, "rho": rho, "adaptive": bool(adaptive)}
         super().__init__(self.base_optimizer.param_groups, defaults)
@@ -79,12 +85,13 @@ class SAM(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         where = "SAM"
         index = len(self.param_groups)
+        known = [p for g in self.param_groups for p in g["params"]]
         if not self._adopting:
             params = param_group["params"]
             params = [params] if isinstance(params, Tensor) else list(params)
             param_group["params"] = params
-            check_new_params(where, index, param_group,
-                             [p for g in self.param_groups for p in g["params"]])
+            check_new_params(where, index, param_group, known)
+        layout = sharding.shard_layout(where, known + list(param_group["params"]))
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         check_number(f"SAM param group {index}", "rho", param_group["rho"])
@@ -95,6 +102,7 @@ class SAM(Optimizer):
             self.param_groups.append(param_group)  # already in the base optimizer
         else:
             self.base_optimizer.add_param_group(param_group)
+        self._sharding = layout
 
     @property
     def backend(self) -> str | dict:
@@ -106,7 +114,10 @@ class SAM(Optimizer):
         return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _buckets(self, where: str) -> tuple[list[tuple], list]:
-        """(group, device, params, grads) per bucket, for parameters that have a gradient."""
+        """(group, device, params, grads) per bucket, for parameters that have a gradient.
+
+        The gradients are the local tensors (shards of DTensors); the parameters are the
+        parameters themselves: they key the backups."""
         buckets: dict[tuple, tuple] = {}
         labelled = []
         for gi, group in enumerate(self.param_groups):
@@ -118,20 +129,39 @@ class SAM(Optimizer):
                 if p.grad.is_sparse or p.grad.is_complex():
                     raise RuntimeError(f"{where}: {what} has a sparse or complex gradient; SAM needs "
                                        "dense real gradients")
-                key = (gi, p.device, p.dtype)
+                weight = 1.0
+                if self._sharding is not None:
+                    sharding.check_grad(where, what, p)
+                    weight = self._sharding.weight(p)
+                key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
-                    buckets[key] = (group, p.device, [], [])
+                    buckets[key] = (group, p.device, [], [], weight)
+                grad = p.grad if self._sharding is None else sharding.local(p.grad)
                 buckets[key][2].append(p)
-                buckets[key][3].append(p.grad)
-                labelled.append((p.grad, what))
+                buckets[key][3].append(grad)
+                labelled.append((grad, what))
         return list(buckets.values()), labelled
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``."""
+    def first_step(self, zero_grad: bool = False, *, local_ascent_group: Any = None) -> None:
+        """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``.
+
+        ``local_ascent_group``: the process group of a local ascent under DDP (the first
+        backward ran under ``no_sync()``, so each rank's ``g1`` is its own). The norm stays
+        per rank, but a non-finite ``g1`` on any rank skips the step on all of them, so the
+        ranks stay identical. :func:`msam_fused.distributed.sam_step` passes it for you.
+        """
         where = "SAM.first_step"
         if self._pending is not None:
             raise RuntimeError(f"{where}() was called twice; call second_step() in between")
+        all_ranks = self._sharding
+        if local_ascent_group is not None:
+            if all_ranks is not None:
+                raise ValueError(f"{where}: a local ascent needs every rank to hold whole "
+                                 "parameters; these are DTensor shards (FSDP2): use the global ascent")
+            all_ranks = sharding.RankGroup(local_ascent_group)
+        if all_ranks is not None:
+            all_ranks.check_alive(where)
         buckets, labelled = self._buckets(where)
         if not buckets:
             raise RuntimeError(f"{where}(): no parameter has a gradient; run backward() first")
@@ -139,28 +169,38 @@ class SAM(Optimizer):
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
             else torch.float32
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
-                                   [w for _, w in labelled], norm_device, None)
+                                   [w for _, w in labelled], norm_device, None, all_ranks=all_ranks)
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads in buckets:
+        for group, device, params, grads, weight in buckets:
             sq = self._backends[device].sam_ascent_sum_of_squares(
-                params, grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+                self._locals(params), grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+            if weight != 1.0:
+                sq = sq * weight
             total = total + sq.to(norm_device, non_blocking=True)
+        if self._sharding is not None:
+            total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
         zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads in buckets:
+        for group, device, params, grads, _ in buckets:
             scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
             backups = [self._backup_of(p) for p in params]
             self._backends[device].sam_ascent_(
-                params, grads, backups, scale=scale.to(device, non_blocking=True),
+                self._locals(params), grads, backups, scale=scale.to(device, non_blocking=True),
                 adaptive=group["adaptive"],
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
-        self._pending = ([(device, params) for _, device, params, _ in buckets], found_inf)
+        self._pending = ([(device, params) for _, device, params, _, _ in buckets], found_inf)
         if zero_grad:
             self.zero_grad()
 
+    def _locals(self, params: list) -> list:
+        """The tensors the backends work on: the parameters, or their local shards."""
+        return params if self._sharding is None else [sharding.local(p) for p in params]
+
     def _backup_of(self, p: Tensor) -> Tensor:
+        """Where ``w`` of ``p`` (of its local shard) is kept during the second pass."""
+        x = p if self._sharding is None else sharding.local(p)
         backup = self._backups.get(p)
-        if backup is None or backup.shape != p.shape or backup.dtype != p.dtype:
-            backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        if backup is None or backup.shape != x.shape or backup.dtype != x.dtype:
+            backup = self._backups[p] = torch.empty_like(x, memory_format=torch.preserve_format)
         return backup
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -178,14 +218,16 @@ class SAM(Optimizer):
         where = "SAM.second_step"
         perturbed, first_inf = self._pending
         for device, params in perturbed:
-            self._backends[device].sam_restore_(params, [self._backups[p] for p in params])
+            self._backends[device].sam_restore_(self._locals(params),
+                                                [self._backups[p] for p in params])
         self._pending = None
-        grads = [(p.grad, describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
+        grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
+                  describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
         device = grads[0][0].device if grads else None
         second_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in grads],
-                                    [w for _, w in grads], device, getattr(self, "found_inf", None)) \
-            if grads else None
+                                    [w for _, w in grads], device, getattr(self, "found_inf", None),
+                                    all_ranks=self._sharding) if grads else None
         found_inf = _either(first_inf, second_inf)
         self._base_step(found_inf, getattr(self, "grad_scale", None), [g for g, _ in grads])
         if found_inf is not None:
