@@ -40,14 +40,34 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[n for n in names if n in _HYPERS])
 
 
+def _device_fn(fn):
+    """``triton.jit`` for helpers called from kernels.
+
+    Under the interpreter a helper is called as its rewritten Python function: the
+    interpreter's own call path re-patches ``triton.language`` on every call (milliseconds
+    each), which made the interpreted tests several times slower. The kernel that calls the
+    helper has already patched it (same module, same ``tl``).
+    """
+    helper = triton.jit(fn)
+    if isinstance(helper, triton.runtime.JITFunction) or not hasattr(helper, "rewrite"):
+        return helper
+    rewritten = None
+
+    def call(*args, **kwargs):
+        nonlocal rewritten
+        rewritten = rewritten or helper.rewrite()
+        return rewritten(*args, **kwargs)
+    return call
+
+
 # --------------------------------------------------------------------------------- helpers
-@triton.jit
+@_device_fn
 def _double(bits):
     """The float64 whose bits the host passed (``struct`` of a Python float)."""
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
-@triton.jit
+@_device_fn
 def _flag_clear(found_inf, HAS_FOUND_INF: tl.constexpr):
     """True when the step goes ahead: no ``found_inf`` tensor, or it holds zero."""
     if HAS_FOUND_INF:
@@ -56,7 +76,7 @@ def _flag_clear(found_inf, HAS_FOUND_INF: tl.constexpr):
         return tl.full((), 1, tl.int1)
 
 
-@triton.jit
+@_device_fn
 def _grad_scale(grad_scale, CD: tl.constexpr, HAS_SCALE: tl.constexpr):
     if HAS_SCALE:
         return tl.load(grad_scale).to(CD)
@@ -64,7 +84,7 @@ def _grad_scale(grad_scale, CD: tl.constexpr, HAS_SCALE: tl.constexpr):
         return tl.full((), 1, CD)
 
 
-@triton.jit
+@_device_fn
 def _coefficient(coef, CD: tl.constexpr, USED: tl.constexpr):
     if USED:
         return tl.load(coef).to(CD)
@@ -72,7 +92,7 @@ def _coefficient(coef, CD: tl.constexpr, USED: tl.constexpr):
         return tl.zeros((), CD)
 
 
-@triton.jit
+@_device_fn
 def _locate(table):
     """The record of this program's tensor and the element range [lo, hi) of its chunk."""
     pid = tl.program_id(0).to(tl.int64)
@@ -82,7 +102,7 @@ def _locate(table):
     return rec, lo, hi
 
 
-@triton.jit
+@_device_fn
 def _address(rec, operand, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(rec + 1 + operand).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # every address of the launch is 16-byte aligned: allow vector loads
@@ -90,7 +110,7 @@ def _address(rec, operand, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     return ptr
 
 
-@triton.jit
+@_device_fn
 def _load(ptr, mask):
     if mask is None:
         return tl.load(ptr)
@@ -98,7 +118,7 @@ def _load(ptr, mask):
         return tl.load(ptr, mask=mask, other=0)
 
 
-@triton.jit
+@_device_fn
 def _rounded(value, DTYPE: tl.constexpr):
     """``value`` rounded to nearest (ties to even) in ``DTYPE``.
 
@@ -114,25 +134,34 @@ def _rounded(value, DTYPE: tl.constexpr):
         return value.to(DTYPE)
 
 
-@triton.jit
+@_device_fn
+def _both(mask, write):
+    """``mask & write`` for a block mask and a scalar flag (the interpreter rejects ``&``
+    between a loaded flag and a block)."""
+    return tl.where(write, mask, False)
+
+
+@_device_fn
 def _store(ptr, value, mask, write):
     """Store ``value`` rounded to the pointer's dtype where ``mask`` (if any) and ``write``."""
     value = _rounded(value, ptr.dtype.element_ty)
     if mask is None:
         tl.store(ptr, value, mask=write)
     else:
-        tl.store(ptr, value, mask=mask & write)
+        tl.store(ptr, value, mask=_both(mask, write))
 
 
-@triton.jit
+@_device_fn
 def _pairwise_sum(x, N: tl.constexpr, LOG2_N: tl.constexpr):
-    """Sum of the ``N`` lanes of ``x`` by a fixed tree of two-value additions."""
+    """The sum of the ``N`` lanes of ``x`` as a 1-element tensor, by a fixed tree in which
+    every addition adds exactly two values (so no thread layout can change the result)."""
     for level in tl.static_range(LOG2_N):
-        x = tl.sum(tl.reshape(x, [N >> (level + 1), 2]), axis=1)
-    return tl.sum(x, axis=0)  # one value left
+        left, right = tl.split(tl.reshape(x, [N >> (level + 1), 2]))
+        x = left + right
+    return x
 
 
-@triton.jit
+@_device_fn
 def _walk(ROW_FN: tl.constexpr, ptrs, values, FLAGS: tl.constexpr, lo, hi,
           UNROLL: tl.constexpr, ACC: tl.constexpr):
     """Apply ``ROW_FN`` to the rows of [lo, hi); return the lane sums of the squares of what
@@ -162,7 +191,7 @@ def _walk(ROW_FN: tl.constexpr, ptrs, values, FLAGS: tl.constexpr, lo, hi,
 
 
 # --------------------------------------------------------------------------- row functions
-@triton.jit
+@_device_fn
 def _msam_sgd_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """SPEC §1 MSAM steps 1-4 for one row; returns the new momentum."""
     p_ptr, grad_ptr, v_ptr, master_ptr = ptrs
@@ -191,7 +220,7 @@ def _msam_sgd_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     return v
 
 
-@triton.jit
+@_device_fn
 def _adamw_msam_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """SPEC §1 AdamW-MSAM steps 1-4 for one row; returns the new first moment."""
     p_ptr, grad_ptr, m_ptr, s_ptr, master_ptr = ptrs
@@ -224,7 +253,7 @@ def _adamw_msam_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     return m
 
 
-@triton.jit
+@_device_fn
 def _move_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """``p = source + SIGN * coef * direction`` (times ``p**2`` when ADAPTIVE).
 
@@ -257,7 +286,7 @@ def _move_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     return x
 
 
-@triton.jit
+@_device_fn
 def _ascent_term_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """SAM's ascent direction before normalisation: ``g``, or ``|p| * g`` when ADAPTIVE."""
     p_ptr, grad_ptr = ptrs
@@ -285,7 +314,7 @@ def msam_sgd_kernel(table, partials, lr_bits, weight_decay_bits, momentum_bits, 
               _double(momentum_bits).to(CD), tl.load(coef).to(CD), _grad_scale(grad_scale, CD, HAS_SCALE),
               _flag_clear(found_inf, HAS_FOUND_INF))
     total = _walk(_msam_sgd_row, ptrs, values, (HAS_GRAD, HAS_MASTER, HAS_SCALE), lo, hi, UNROLL, ACC)
-    tl.store(partials + tl.program_id(0), total)
+    tl.store(partials + tl.program_id(0) + tl.arange(0, 1), total)
 
 
 @_jit
@@ -313,7 +342,7 @@ def adamw_msam_kernel(table, partials, lr_bits, beta1_bits, one_minus_beta1_bits
               tl.load(coef).to(CD), _grad_scale(grad_scale, CD, HAS_SCALE), _flag_clear(found_inf, HAS_FOUND_INF))
     total = _walk(_adamw_msam_row, ptrs, values, (HAS_GRAD, HAS_MASTER, HAS_SCALE), lo, hi,
                   UNROLL, ACC)
-    tl.store(partials + tl.program_id(0), total)
+    tl.store(partials + tl.program_id(0) + tl.arange(0, 1), total)
 
 
 @_jit
@@ -337,7 +366,7 @@ def ascent_sum_of_squares_kernel(table, partials, P: tl.constexpr, CD: tl.conste
     rec, lo, hi = _locate(table)
     ptrs = (_address(rec, 0, P, ALIGNED), _address(rec, 1, P, ALIGNED))
     total = _walk(_ascent_term_row, ptrs, (tl.zeros((), CD),), (ADAPTIVE,), lo, hi, UNROLL, ACC)
-    tl.store(partials + tl.program_id(0), total)
+    tl.store(partials + tl.program_id(0) + tl.arange(0, 1), total)
 
 
 @_jit
@@ -350,7 +379,7 @@ def finish_kernel(partials, n_partials, out, step_records, n_steps, found_inf,
     acc = tl.zeros([ROW], ACC)
     for base in range(0, n_partials, ROW):
         acc += tl.load(partials + base + lanes, mask=base + lanes < n_partials, other=0)
-    tl.store(out, _pairwise_sum(acc, ROW, LOG2_ROW))
+    tl.store(out + tl.arange(0, 1), _pairwise_sum(acc, ROW, LOG2_ROW))
     if HAS_STEPS:
         write = _flag_clear(found_inf, HAS_FOUND_INF)
         for base in range(0, n_steps, ROW):
@@ -358,7 +387,7 @@ def finish_kernel(partials, n_partials, out, step_records, n_steps, found_inf,
             address = tl.load(step_records + (base + lanes) * RECORD_WIDTH + 1 + STEP_OPERAND,
                               mask=mask, other=0)
             step = address.to(tl.pointer_type(tl.float32))
-            tl.store(step, tl.load(step, mask=mask) + 1, mask=mask & write)
+            tl.store(step, tl.load(step, mask=mask) + 1, mask=_both(mask, write))
 
 
 @_jit
