@@ -136,7 +136,8 @@ def test_update_with_found_inf_changes_nothing(op):
         kwargs["momentum"] = 0.9
     else:
         inputs = dict(params=inputs["params"], grads=inputs["grads"],
-                      exp_avgs=tensors(SIZES, torch.float32, 3), exp_avg_sqs=tensors(SIZES, torch.float32, 4),
+                      exp_avgs=tensors(SIZES, torch.float32, 3),
+                      exp_avg_sqs=[t.abs() for t in tensors(SIZES, torch.float32, 4)],
                       steps=[torch.tensor(2.0, device=DEVICE) for _ in SIZES], masters=inputs["masters"])
         kwargs.update(beta1=0.9, beta2=0.99, eps=1e-8)
     before = clone(inputs)
