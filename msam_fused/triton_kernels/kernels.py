@@ -192,6 +192,15 @@ def _walk(ROW_FN: tl.constexpr, ptrs, values, FLAGS: tl.constexpr, lo, hi,
 
 # --------------------------------------------------------------------------- row functions
 @_device_fn
+def _gradient(ptr, mask, grad_scale, CD: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The gradient in the compute dtype, divided by GradScaler's scale when there is one."""
+    g = _load(ptr, mask).to(CD)
+    if HAS_SCALE:
+        g = g / grad_scale
+    return g
+
+
+@_device_fn
 def _msam_sgd_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """SPEC §1 MSAM steps 1-4 for one row; returns the new momentum."""
     p_ptr, grad_ptr, v_ptr, master_ptr = ptrs
@@ -207,16 +216,11 @@ def _msam_sgd_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     else:
         w = p + coef * v
     if HAS_GRAD:
-        g = _load(grad_ptr + offs, mask).to(CD)
-        if HAS_SCALE:
-            g = g / grad_scale
+        g = _gradient(grad_ptr + offs, mask, grad_scale, CD, HAS_SCALE)
         v = momentum * v + (g + weight_decay * p)
         w = w - lr * v
         _store(v_ptr + offs, v, mask, write)
-    if HAS_MASTER:
-        _store(master_ptr + offs, w, mask, write)
-    else:
-        _store(p_ptr + offs, w, mask, write)
+    _store(master_ptr + offs if HAS_MASTER else p_ptr + offs, w, mask, write)
     return v
 
 
@@ -236,9 +240,7 @@ def _adamw_msam_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     else:
         w = _load(p_ptr + offs, mask).to(CD) + coef * m
     if HAS_GRAD:
-        g = _load(grad_ptr + offs, mask).to(CD)
-        if HAS_SCALE:
-            g = g / grad_scale
+        g = _gradient(grad_ptr + offs, mask, grad_scale, CD, HAS_SCALE)
         s = _load(s_ptr + offs, mask).to(CD)
         m = beta1 * m + one_minus_beta1 * g
         s = beta2 * s + one_minus_beta2 * g * g
@@ -246,10 +248,7 @@ def _adamw_msam_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
         w = w * decay
         _store(m_ptr + offs, m, mask, write)
         _store(s_ptr + offs, s, mask, write)
-    if HAS_MASTER:
-        _store(master_ptr + offs, w, mask, write)
-    else:
-        _store(p_ptr + offs, w, mask, write)
+    _store(master_ptr + offs if HAS_MASTER else p_ptr + offs, w, mask, write)
     return m
 
 
