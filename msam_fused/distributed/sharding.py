@@ -166,7 +166,10 @@ def check_state_layout(where: str, what: str, key: str, value: Tensor, p: Tensor
 
 
 def zeros_like_param(p: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """Fresh zero state: sharded like ``p`` when it has ``p``'s shape, plain otherwise (0-d)."""
-    if is_dtensor(p) and tuple(shape) == tuple(p.shape):
-        return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    """Fresh zero state: shaped, strided and (for DTensors) sharded like ``p`` when it has
+    ``p``'s shape, so kernels read state and parameter with one layout (channels-last
+    weights keep channels-last state); plain otherwise (0-d)."""
+    if tuple(shape) == tuple(p.shape):
+        fmt = torch.contiguous_format if is_dtensor(p) else torch.preserve_format
+        return torch.zeros_like(p, dtype=dtype, memory_format=fmt)
     return torch.zeros(shape, dtype=dtype, device=p.device)
