@@ -9,9 +9,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused import backends
+from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import step_skip_flag
-from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
-                                   describe_param)
+from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
+                                   check_number, describe_param)
 
 
 class SAM(Optimizer):
@@ -41,6 +42,10 @@ class SAM(Optimizer):
     objects): LR schedulers may be attached to either, ``add_param_group`` fills in the base
     optimizer's defaults, and ``state_dict()`` is the base optimizer's (groups also carry
     ``rho`` and ``adaptive``), so a resumed run continues exactly.
+
+    Param groups may carry ``perturb=False``: such a group is not moved and stays out of the
+    norm (e.g. all but the normalization layers, SAM-ON:
+    :func:`msam_fused.variants.perturbation_param_groups`); its ``g2`` still drives the step.
 
     Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
     perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
@@ -87,7 +92,7 @@ class SAM(Optimizer):
                              [p for g in self.param_groups for p in g["params"]])
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
-        check_number(f"SAM param group {index}", "rho", param_group["rho"])
+        _check_group(f"SAM param group {index}", param_group)
         for p in param_group["params"]:
             if p.device not in self._backends:
                 self._backends[p.device] = backends.resolve(self.backend_request, p.device)
@@ -110,7 +115,9 @@ class SAM(Optimizer):
         buckets: dict[tuple, tuple] = {}
         labelled = []
         for gi, group in enumerate(self.param_groups):
-            check_number(f"{where}: param group {gi}", "rho", group["rho"])
+            _check_group(f"{where}: param group {gi}", group)
+            if not perturbs(group):
+                continue
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -129,33 +136,52 @@ class SAM(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``."""
-        where = "SAM.first_step"
+        where = f"{type(self).__name__}.first_step"
         if self._pending is not None:
             raise RuntimeError(f"{where}() was called twice; call second_step() in between")
+        self._pending = self._ascend(where, self._backup_of)
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascend(self, where: str, backup_of) -> tuple[list, Optional[Tensor]]:
+        """One ascent from where the parameters are, along the gradients now in ``.grad``:
+        ``p += scale * direction`` per bucket (:meth:`_ascent_directions`), after
+        ``backup_of(p)`` received ``p``. Returns the moved (device, params) and the skip flag."""
         buckets, labelled = self._buckets(where)
         if not buckets:
-            raise RuntimeError(f"{where}(): no parameter has a gradient; run backward() first")
+            raise RuntimeError(f"{where}(): no parameter has a gradient (in a group with "
+                               "perturb=True); run backward() first")
         norm_device = buckets[0][1]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
             else torch.float32
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
                                    [w for _, w in labelled], norm_device, None)
+        ascents = self._ascent_directions(buckets, norm_device, norm_dtype, found_inf)
+        for (group, device, params, _), (directions, scale) in zip(buckets, ascents):
+            backups = [backup_of(p) for p in params]
+            self._backends[device].sam_ascent_(
+                params, directions, backups, scale=scale.to(device, non_blocking=True),
+                adaptive=group["adaptive"],
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
+        return [(device, params) for _, device, params, _ in buckets], found_inf
+
+    def _ascent_directions(self, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
+                           found_inf: Optional[Tensor]) -> list[tuple]:
+        """(direction, scale) per bucket, ``e = scale * direction`` (``* w**2`` when adaptive):
+        SAM's ``g`` and ``radius / ||g||`` (the global norm; of ``|w| * g`` when adaptive)."""
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         for group, device, params, grads in buckets:
             sq = self._backends[device].sam_ascent_sum_of_squares(
                 params, grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
             total = total + sq.to(norm_device, non_blocking=True)
         zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads in buckets:
-            scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
-            backups = [self._backup_of(p) for p in params]
-            self._backends[device].sam_ascent_(
-                params, grads, backups, scale=scale.to(device, non_blocking=True),
-                adaptive=group["adaptive"],
-                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
-        self._pending = ([(device, params) for _, device, params, _ in buckets], found_inf)
-        if zero_grad:
-            self.zero_grad()
+        norm_backend = self._backends[norm_device]
+        return [(grads, norm_backend.perturbation_coef(total, self._ascent_radius(group), zero, found_inf))
+                for group, _, _, grads in buckets]
+
+    def _ascent_radius(self, group: dict) -> float:
+        """The length of one ascent (SAM: ``rho``)."""
+        return group["rho"]
 
     def _backup_of(self, p: Tensor) -> Tensor:
         backup = self._backups.get(p)
@@ -261,6 +287,12 @@ class SAM(Optimizer):
                                               for k, s in state_dict["state"].items()}}
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base()
+
+
+def _check_group(where: str, group: dict) -> None:
+    check_number(where, "rho", group["rho"])
+    check_flag(where, "adaptive", group["adaptive"])
+    check_flag(where, "perturb", group.get("perturb", True))
 
 
 def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
