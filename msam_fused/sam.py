@@ -200,12 +200,17 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def _finish_step(self) -> None:
-        where = "SAM.second_step"
+    def _finish_step(self) -> Optional[Tensor]:
+        """Back to ``w``, then :meth:`_descend`; returns the step's skip flag."""
         perturbed, first_inf = self._pending
         for device, params in perturbed:
             self._backends[device].sam_restore_(params, [self._backups[p] for p in params])
         self._pending = None
+        return self._descend(f"{type(self).__name__}.second_step", first_inf)
+
+    def _descend(self, where: str, first_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
+        when they or the ascent's are not finite; returns the skip flag."""
         grads = [(p.grad, describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
         device = grads[0][0].device if grads else None
@@ -217,6 +222,7 @@ class SAM(Optimizer):
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
+        return found_inf
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
         base = self.base_optimizer
@@ -280,13 +286,16 @@ class SAM(Optimizer):
                         raise ValueError(
                             f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
                             f"{tuple(value.shape)}: the state dict is from another model")
-        # torch's load_state_dict may alias the given tensors (two optimizers would then share
-        # momentum buffers): hand it copies.
-        state_dict = {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
-                                                  for n, v in s.items()}
-                                              for k, s in state_dict["state"].items()}}
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(with_copied_state(state_dict))
         self._share_base()
+
+
+def with_copied_state(state_dict: dict) -> dict:
+    """``state_dict`` with copies of its state tensors: torch's ``load_state_dict`` may alias
+    the given tensors (two optimizers loaded from one dict would then share momentum buffers)."""
+    return {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
+                                        for n, v in s.items()}
+                                    for k, s in state_dict["state"].items()}}
 
 
 def _check_group(where: str, group: dict) -> None:
