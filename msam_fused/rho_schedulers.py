@@ -105,39 +105,53 @@ class ZeroDuringWarmup(StepRho):
                          last_step=last_step)
 
 
-class LinearRampRho(RhoScheduler):
-    """rho rises linearly from ``start_factor`` times its initial value at step 0 to
+class _Interpolation(RhoScheduler):
+    """From ``start_factor`` at step 0 to ``end_factor`` at step ``steps`` along
+    ``shape(progress)`` (0 to 1), then constant."""
+
+    def __init__(self, optimizer: Optimizer, steps: int, start_factor: float, end_factor: float,
+                 last_step: int, steps_name: str):
+        where = type(self).__name__
+        _check_steps(where, steps_name, steps)
+        check_number(where, "start_factor", start_factor)
+        check_number(where, "end_factor", end_factor)
+        self.steps, self.start_factor, self.end_factor = steps, start_factor, end_factor
+        super().__init__(optimizer, last_step)
+
+    @staticmethod
+    def shape(progress: float) -> float:
+        raise NotImplementedError
+
+    def factor(self, step: int) -> float:
+        progress = min(step, self.steps) / self.steps
+        return self.start_factor + (self.end_factor - self.start_factor) * self.shape(progress)
+
+
+class LinearRampRho(_Interpolation):
+    """rho goes linearly from ``start_factor`` times its initial value at step 0 to
     ``end_factor`` times it at step ``ramp_steps``, and stays there."""
 
     def __init__(self, optimizer: Optimizer, ramp_steps: int, start_factor: float = 0.0,
                  end_factor: float = 1.0, last_step: int = -1):
-        _check_steps(type(self).__name__, "ramp_steps", ramp_steps)
-        check_number(type(self).__name__, "start_factor", start_factor)
-        check_number(type(self).__name__, "end_factor", end_factor)
-        self.ramp_steps, self.start_factor, self.end_factor = ramp_steps, start_factor, end_factor
-        super().__init__(optimizer, last_step)
+        super().__init__(optimizer, ramp_steps, start_factor, end_factor, last_step, "ramp_steps")
 
-    def factor(self, step: int) -> float:
-        progress = min(step, self.ramp_steps) / self.ramp_steps
-        return self.start_factor + (self.end_factor - self.start_factor) * progress
+    @staticmethod
+    def shape(progress: float) -> float:
+        return progress
 
 
-class CosineRho(RhoScheduler):
+class CosineRho(_Interpolation):
     """rho follows half a cosine from ``start_factor`` times its initial value at step 0 to
     ``end_factor`` times it at step ``total_steps`` (as ``CosineAnnealingLR``), then stays.
     ``start_factor=0, end_factor=1`` makes it rise instead."""
 
     def __init__(self, optimizer: Optimizer, total_steps: int, start_factor: float = 1.0,
                  end_factor: float = 0.0, last_step: int = -1):
-        _check_steps(type(self).__name__, "total_steps", total_steps)
-        check_number(type(self).__name__, "start_factor", start_factor)
-        check_number(type(self).__name__, "end_factor", end_factor)
-        self.total_steps, self.start_factor, self.end_factor = total_steps, start_factor, end_factor
-        super().__init__(optimizer, last_step)
+        super().__init__(optimizer, total_steps, start_factor, end_factor, last_step, "total_steps")
 
-    def factor(self, step: int) -> float:
-        progress = min(step, self.total_steps) / self.total_steps
-        return self.end_factor + (self.start_factor - self.end_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    @staticmethod
+    def shape(progress: float) -> float:
+        return (1 - math.cos(math.pi * progress)) / 2
 
 
 SCHEDULES = {"constant": ConstantRho, "step": StepRho, "warmup_zero": ZeroDuringWarmup,

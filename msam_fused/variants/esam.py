@@ -15,6 +15,7 @@ from msam_fused.batchnorm import disable_running_stats
 from msam_fused.momentum_ascent import perturbs
 from msam_fused.sam import SAM
 from msam_fused.validation import check_number
+from msam_fused.variants.extra_state import split_state_dict
 
 # ``losses(indices)`` returns the per-sample losses (shape [n]) of the batch, or of the samples
 # ``indices`` (a device tensor of indices into the batch) when given.
@@ -101,11 +102,7 @@ class ESAM(SAM):
         return {**super().state_dict(), "esam": {"generator": self.generator.get_state()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        tag = state_dict.pop("esam", None)
-        if tag is None:
-            raise ValueError("ESAM.load_state_dict: the state dict has no 'esam' entry; it was not "
-                             "saved by ESAM")
+        state_dict, tag = split_state_dict(state_dict, "esam", "ESAM")
         super().load_state_dict(state_dict)
         self.generator.set_state(tag["generator"])
 

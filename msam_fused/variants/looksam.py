@@ -12,6 +12,7 @@ from msam_fused.reference import EPS_NORM
 from msam_fused.sam import SAM
 from msam_fused.tensor_lists import dot, norm
 from msam_fused.validation import check_number
+from msam_fused.variants.extra_state import split_state_dict
 
 GV_KEY = "looksam_orthogonal_grad"
 
@@ -66,8 +67,15 @@ class LookSAM(SAM):
         self._first_grads = {p: p.grad.detach().clone() for p in self._params_with_grad()}
         super().first_step(zero_grad)
 
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Finish a refresh step (after :meth:`first_step` and the second backward), or take a
+        whole reuse step."""
+        self.step()
+        if zero_grad:
+            self.zero_grad()
+
     def step(self, closure=None) -> Optional[Tensor]:
-        if self._pending is None and not self.refresh_due:
+        if self._pending is None and (closure is None or not self.refresh_due):
             self._finish_step()  # a reuse step needs no second pass: the closure is not run
             return None
         return super().step(closure)
@@ -116,11 +124,7 @@ class LookSAM(SAM):
         return {**super().state_dict(), "looksam": {"steps_taken": self._steps_taken}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        tag = state_dict.pop("looksam", None)
-        if tag is None:
-            raise ValueError("LookSAM.load_state_dict: the state dict has no 'looksam' entry; it "
-                             "was not saved by LookSAM")
+        state_dict, tag = split_state_dict(state_dict, "looksam", "LookSAM")
         super().load_state_dict(state_dict)
         self._steps_taken = int(tag["steps_taken"])
 

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from msam_fused.sam import with_copied_state
 from msam_fused.validation import check_number
+from msam_fused.variants.extra_state import split_state_dict
 
 
 class MESA(Optimizer):
@@ -92,11 +93,7 @@ class MESA(Optimizer):
                          "steps_taken": self.steps_taken}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        tag = state_dict.pop("mesa", None)
-        if tag is None:
-            raise ValueError("MESA.load_state_dict: the state dict has no 'mesa' entry; it was not "
-                             "saved by MESA")
+        state_dict, tag = split_state_dict(state_dict, "mesa", "MESA")
         self.ema_model.load_state_dict(tag["ema"])  # checks the keys and shapes first
         self.base_optimizer.load_state_dict(with_copied_state(state_dict))
         self._share_base()

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from msam_fused.sam import SAM, _either
-from msam_fused.validation import check_number
 
 ASCENT_NORMS = ("l2", "linf")
 
