@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import matplotlib
 
@@ -21,19 +23,35 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from msam_fused import analysis, variants  # noqa: E402
-from train import digits_cnn, digits_data  # noqa: E402
 
 DIRECTIONS = ("momentum", "gradient", "random")
+REPOSITORY = str(Path(__file__).resolve().parent.parent)
+
+
+def digits(device: torch.device, seed: int) -> tuple:
+    """The training benchmark's digits data ((x, y) for train and test) and its CNN builder,
+    by import: from the benchmark package (bench.data, bench.models) where it exists, else
+    from the single-file bench/train.py."""
+    if REPOSITORY not in sys.path:  # the package imports as ``bench`` from the repository root
+        sys.path.insert(0, REPOSITORY)
+    try:
+        from bench.data import load_digits_data
+        from bench.models import digits_cnn
+    except ImportError:
+        from train import digits_cnn, digits_data
+        return digits_data(device, seed), digits_cnn
+    data = load_digits_data(device, seed)
+    return ((data.train_x, data.train_y), (data.test_x, data.test_y)), digits_cnn
 
 
 def analyze(name: str, args, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    (xtr, ytr), (xte, yte) = digits_data(device, args.seed)
+    ((xtr, ytr), (xte, yte)), digits_cnn = digits(device, args.seed)
     xtr, ytr = xtr[:args.train_samples], ytr[:args.train_samples]
     model = digits_cnn().to(device)
-    rho = args.msam_rho if name in ("msam", "adamw_msam") else args.sam_rho
+    rho = args.msam_rho if name in ("msam", "adamw-msam") else args.sam_rho
     opt = variants.build(name, model, lr=args.lr, weight_decay=args.wd, seed=args.seed,
-                         **({"rho": rho} if name in variants.factory.PERTURBING else {}))
+                         **({"rho": rho} if name in variants.PERTURBING else {}))
     cosine = analysis.MomentumGradientCosine(opt)
     gen = torch.Generator().manual_seed(args.seed)
     losses = []

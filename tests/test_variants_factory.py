@@ -9,7 +9,7 @@ from test_optimizer_api import batch, small_model
 
 CASES = [("sgd", {}, torch.optim.SGD), ("adamw", {}, torch.optim.AdamW),
          ("msam", {}, msam_fused.MSAM), ("msam", {"perturb": "norm", "adaptive": "weights"}, msam_fused.MSAM),
-         ("adamw_msam", {"adaptive": "all"}, msam_fused.AdamWMSAM), ("sam", {}, msam_fused.SAM),
+         ("adamw-msam", {"adaptive": "all"}, msam_fused.AdamWMSAM), ("sam", {}, msam_fused.SAM),
          ("sam", {"ascent_steps": 2}, variants.MultiStepSAM),
          ("sam", {"ascent_norm": "linf", "base": "adamw"}, variants.MultiStepSAM),
          ("looksam", {"looksam_k": 2}, variants.LookSAM), ("esam", {"seed": 0}, variants.ESAM),

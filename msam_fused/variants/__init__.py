@@ -9,11 +9,11 @@ and the SAM replication study; docs/variants.md says exactly what each implement
 """
 
 from msam_fused.variants.esam import ESAM
-from msam_fused.variants.factory import OPTIMIZERS, build, train_step
+from msam_fused.variants.factory import OPTIMIZERS, PERTURBING, build, train_step
 from msam_fused.variants.looksam import LookSAM
 from msam_fused.variants.mesa import MESA
 from msam_fused.variants.multistep_sam import MultiStepSAM
 from msam_fused.variants.param_groups import NORM_LAYERS, perturbation_param_groups
 
-__all__ = ["ESAM", "LookSAM", "MESA", "MultiStepSAM", "NORM_LAYERS", "OPTIMIZERS", "build",
+__all__ = ["ESAM", "LookSAM", "MESA", "MultiStepSAM", "NORM_LAYERS", "OPTIMIZERS", "PERTURBING", "build",
            "perturbation_param_groups", "train_step"]

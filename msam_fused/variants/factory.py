@@ -20,9 +20,9 @@ from msam_fused.variants.mesa import MESA
 from msam_fused.variants.multistep_sam import MultiStepSAM
 from msam_fused.variants.param_groups import perturbation_param_groups
 
-OPTIMIZERS = ("sgd", "adamw", "msam", "adamw_msam", "sam", "looksam", "esam", "mesa")
+OPTIMIZERS = ("sgd", "adamw", "msam", "adamw-msam", "sam", "looksam", "esam", "mesa")
 # optimizers that perturb the weights, and so read ``perturb``/``adaptive``
-PERTURBING = ("msam", "adamw_msam", "sam", "looksam", "esam")
+PERTURBING = ("msam", "adamw-msam", "sam", "looksam", "esam")
 BASES = ("sgd", "adamw")
 
 
@@ -65,7 +65,7 @@ def build(name: str, model: nn.Module, *, lr: float, momentum: float = 0.9,
     radius = {} if rho is None else {"rho": rho}
     if name == "msam":
         return MSAM(groups, **sgd_args, **radius, backend=backend)
-    if name == "adamw_msam":
+    if name == "adamw-msam":
         return AdamWMSAM(groups, **adamw_args, **radius, backend=backend)
     common = dict(**radius, backend=backend, **base_args)
     if name == "looksam":
