@@ -51,3 +51,19 @@ def test_misuse_gets_clear_errors():
         variants.build("msam", model, lr=0.1, ascent_steps=2)
     with pytest.raises(ValueError, match="unknown base optimizer"):
         variants.build("sam", model, lr=0.1, base="lamb")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,options,cls", CASES,
+                         ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o, _ in CASES])
+def test_every_optimizer_trains_on_cuda_like_on_the_cpu(name, options, cls):
+    results = []
+    for device in ("cpu", "cuda"):
+        model = small_model(dtype=torch.float64).to(device)
+        opt = variants.build(name, model, lr=0.05, weight_decay=1e-4, backend="reference", **options)
+        for step in range(3):
+            x, y = batch(step, torch.float64)
+            variants.train_step(model, opt, x.to(device), y.to(device))
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-9, atol=1e-11)

@@ -254,3 +254,23 @@ def test_norm_only_msam_perturbs_only_normalization_parameters():
     radius = math.sqrt(sum(float((o.double() ** 2).sum()) for o in offsets))
     assert radius == pytest.approx(0.5, rel=1e-5)  # the whole rho goes to the BN parameters
     assert bn_x[0].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls,adam,hypers", CASES, ids=["MSAM", "AdamWMSAM"])
+def test_adaptive_and_unperturbed_groups_on_cuda_match_the_cpu_run(cls, adam, hypers):
+    hypers = [{**h, **f} for h, f in zip(hypers, FLAGS)]
+    cpu, cpu_true = run_optimizer(cls, hypers, torch.float64, steps=30)
+    params = [[p.clone().cuda().requires_grad_() for p in ps] for ps in initial_params(torch.float64)]
+    opt = cls([{"params": ps, **h} for ps, h in zip(params, hypers)], backend="reference")
+    stream = GradientStream()
+    for step in range(30):
+        for gi, ps in enumerate(params):
+            for i, p in enumerate(ps):
+                g = stream.grad(step, gi, i, p.detach().cpu())
+                p.grad = None if g is None else g.cuda()
+        opt.step()
+    with opt.unperturbed():
+        true = [[p.detach().cpu().clone() for p in ps] for ps in params]
+    assert relative_error([[p.detach().cpu() for p in ps] for ps in params], cpu) <= 1e-12
+    assert relative_error(true, cpu_true) <= 1e-12
