@@ -106,7 +106,7 @@ def plot_cosine(runs: dict, path: str) -> None:
 
 
 def plot_sharpness(runs: dict, path: str) -> None:
-    fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(4 * len(DIRECTIONS), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(4 * len(DIRECTIONS), 3.6))  # own scales
     for ax, direction in zip(axes, DIRECTIONS):
         for name, run in runs.items():
             ax.plot(run["radii"], run["loss_along"][direction], label=name)
