@@ -91,13 +91,13 @@ class MultiStepSAM(SAM):
             scratch = self._scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return scratch
 
-    def _finish_step(self) -> None:
+    def _finish_step(self) -> Optional[Tensor]:
         if self._ascents_done != self.steps:
             raise RuntimeError(f"{type(self).__name__}.second_step() after {self._ascents_done} of "
                                f"steps={self.steps} ascent steps; call first_step() after each of "
                                "the ascent backward passes")
         self._ascents_done = 0
-        super()._finish_step()
+        return super()._finish_step()
 
     def step(self, closure=None) -> Optional[Tensor]:
         """``step(closure)`` after the first backward: ``k`` ascent steps, each followed by
