@@ -10,9 +10,10 @@ from torch.optim import Optimizer
 
 from msam_fused import backends
 from msam_fused.distributed import sharding
+from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import step_skip_flag
-from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
-                                   describe_param)
+from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
+                                   check_number, describe_param)
 
 
 class SAM(Optimizer):
@@ -42,6 +43,10 @@ class SAM(Optimizer):
     objects): LR schedulers may be attached to either, ``add_param_group`` fills in the base
     optimizer's defaults, and ``state_dict()`` is the base optimizer's (groups also carry
     ``rho`` and ``adaptive``), so a resumed run continues exactly.
+
+    Param groups may carry ``perturb=False``: such a group is not moved and stays out of the
+    norm (e.g. all but the normalization layers, SAM-ON:
+    :func:`msam_fused.variants.perturbation_param_groups`); its ``g2`` still drives the step.
 
     Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
     perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
@@ -94,7 +99,7 @@ class SAM(Optimizer):
         layout = sharding.shard_layout(where, known + list(param_group["params"]))
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
-        check_number(f"SAM param group {index}", "rho", param_group["rho"])
+        _check_group(f"SAM param group {index}", param_group)
         for p in param_group["params"]:
             if p.device not in self._backends:
                 self._backends[p.device] = backends.resolve(self.backend_request, p.device)
@@ -121,7 +126,9 @@ class SAM(Optimizer):
         buckets: dict[tuple, tuple] = {}
         labelled = []
         for gi, group in enumerate(self.param_groups):
-            check_number(f"{where}: param group {gi}", "rho", group["rho"])
+            _check_group(f"{where}: param group {gi}", group)
+            if not perturbs(group):
+                continue
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -151,9 +158,16 @@ class SAM(Optimizer):
         per rank, but a non-finite ``g1`` on any rank skips the step on all of them, so the
         ranks stay identical. :func:`msam_fused.distributed.sam_step` passes it for you.
         """
-        where = "SAM.first_step"
+        where = f"{type(self).__name__}.first_step"
         if self._pending is not None:
             raise RuntimeError(f"{where}() was called twice; call second_step() in between")
+        self._pending = self._ascend(where, self._backup_of, local_ascent_group)
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascent_ranks(self, where: str, local_ascent_group: Any):
+        """The ranks whose skip decisions must agree: the mesh of sharded parameters, or the
+        group of a local ascent; None for a single process."""
         all_ranks = self._sharding
         if local_ascent_group is not None:
             if all_ranks is not None:
@@ -162,14 +176,35 @@ class SAM(Optimizer):
             all_ranks = sharding.RankGroup(local_ascent_group)
         if all_ranks is not None:
             all_ranks.check_alive(where)
+        return all_ranks
+
+    def _ascend(self, where: str, backup_of, local_ascent_group: Any = None) -> tuple[list, Optional[Tensor]]:
+        """One ascent from where the parameters are, along the gradients now in ``.grad``:
+        ``p += scale * direction`` per bucket (:meth:`_ascent_directions`), after
+        ``backup_of(p)`` received ``p``. Returns the moved (device, params) and the skip flag."""
+        all_ranks = self._ascent_ranks(where, local_ascent_group)
         buckets, labelled = self._buckets(where)
         if not buckets:
-            raise RuntimeError(f"{where}(): no parameter has a gradient; run backward() first")
+            raise RuntimeError(f"{where}(): no parameter has a gradient (in a group with "
+                               "perturb=True); run backward() first")
         norm_device = buckets[0][1]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
             else torch.float32
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
                                    [w for _, w in labelled], norm_device, None, all_ranks=all_ranks)
+        ascents = self._ascent_directions(buckets, norm_device, norm_dtype, found_inf)
+        for (group, device, params, _, _), (directions, scale) in zip(buckets, ascents):
+            backups = [backup_of(p) for p in params]
+            self._backends[device].sam_ascent_(
+                self._locals(params), directions, backups, scale=scale.to(device, non_blocking=True),
+                adaptive=group["adaptive"],
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
+        return [(device, params) for _, device, params, _, _ in buckets], found_inf
+
+    def _ascent_directions(self, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
+                           found_inf: Optional[Tensor]) -> list[tuple]:
+        """(direction, scale) per bucket, ``e = scale * direction`` (``* w**2`` when adaptive):
+        SAM's ``g`` and ``radius / ||g||`` (the global norm; of ``|w| * g`` when adaptive)."""
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         for group, device, params, grads, weight in buckets:
             sq = self._backends[device].sam_ascent_sum_of_squares(
@@ -180,16 +215,13 @@ class SAM(Optimizer):
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
         zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads, _ in buckets:
-            scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
-            backups = [self._backup_of(p) for p in params]
-            self._backends[device].sam_ascent_(
-                self._locals(params), grads, backups, scale=scale.to(device, non_blocking=True),
-                adaptive=group["adaptive"],
-                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
-        self._pending = ([(device, params) for _, device, params, _, _ in buckets], found_inf)
-        if zero_grad:
-            self.zero_grad()
+        norm_backend = self._backends[norm_device]
+        return [(grads, norm_backend.perturbation_coef(total, self._ascent_radius(group), zero, found_inf))
+                for group, _, _, grads, _ in buckets]
+
+    def _ascent_radius(self, group: dict) -> float:
+        """The length of one ascent (SAM: ``rho``)."""
+        return group["rho"]
 
     def _locals(self, params: list) -> list:
         """The tensors the backends work on: the parameters, or their local shards."""
@@ -197,11 +229,15 @@ class SAM(Optimizer):
 
     def _backup_of(self, p: Tensor) -> Tensor:
         """Where ``w`` of ``p`` (of its local shard) is kept during the second pass."""
+        return self._buffer_in(self._backups, p)
+
+    def _buffer_in(self, buffers: dict, p: Tensor) -> Tensor:
+        """``buffers[p]``: a reusable tensor like ``p`` (like its local shard)."""
         x = p if self._sharding is None else sharding.local(p)
-        backup = self._backups.get(p)
-        if backup is None or backup.shape != x.shape or backup.dtype != x.dtype:
-            backup = self._backups[p] = torch.empty_like(x, memory_format=torch.preserve_format)
-        return backup
+        buffer = buffers.get(p)
+        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+            buffer = buffers[p] = torch.empty_like(x, memory_format=torch.preserve_format)
+        return buffer
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``w`` exactly and take the base optimizer's step with the new gradients.
@@ -214,13 +250,18 @@ class SAM(Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def _finish_step(self) -> None:
-        where = "SAM.second_step"
+    def _finish_step(self) -> Optional[Tensor]:
+        """Back to ``w``, then :meth:`_descend`; returns the step's skip flag."""
         perturbed, first_inf = self._pending
         for device, params in perturbed:
             self._backends[device].sam_restore_(self._locals(params),
                                                 [self._backups[p] for p in params])
         self._pending = None
+        return self._descend(f"{type(self).__name__}.second_step", first_inf)
+
+    def _descend(self, where: str, first_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
+        when they or the ascent's are not finite; returns the skip flag."""
         grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
                   describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
@@ -233,6 +274,7 @@ class SAM(Optimizer):
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
+        return found_inf
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
         base = self.base_optimizer
@@ -296,13 +338,22 @@ class SAM(Optimizer):
                         raise ValueError(
                             f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
                             f"{tuple(value.shape)}: the state dict is from another model")
-        # torch's load_state_dict may alias the given tensors (two optimizers would then share
-        # momentum buffers): hand it copies.
-        state_dict = {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
-                                                  for n, v in s.items()}
-                                              for k, s in state_dict["state"].items()}}
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(with_copied_state(state_dict))
         self._share_base()
+
+
+def with_copied_state(state_dict: dict) -> dict:
+    """``state_dict`` with copies of its state tensors: torch's ``load_state_dict`` may alias
+    the given tensors (two optimizers loaded from one dict would then share momentum buffers)."""
+    return {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
+                                        for n, v in s.items()}
+                                    for k, s in state_dict["state"].items()}}
+
+
+def _check_group(where: str, group: dict) -> None:
+    check_number(where, "rho", group["rho"])
+    check_flag(where, "adaptive", group["adaptive"])
+    check_flag(where, "perturb", group.get("perturb", True))
 
 
 def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

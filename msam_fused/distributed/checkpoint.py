@@ -54,4 +54,4 @@ def _create_state(optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.requires_grad:
-                optimizer.state[p] = optimizer._init_state(p)
+                optimizer.state[p] = optimizer._init_state(p, group)
