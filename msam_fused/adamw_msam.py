@@ -23,8 +23,10 @@ class AdamWMSAM(MomentumAscentOptimizer):
         p = p * (1 - lr * weight_decay)          # decoupled decay, after the Adam update
         c_new = rho / (||m|| + 1e-12);  p = p - c_new * m
 
-    Arguments as in ``torch.optim.AdamW`` plus ``rho``, ``backend``, ``nonfinite`` and
-    ``master_weights`` (see :class:`~msam_fused.MSAM`). ``amsgrad`` is not supported.
+    Arguments as in ``torch.optim.AdamW`` plus ``rho``, ``adaptive``, ``backend``,
+    ``nonfinite`` and ``master_weights``, and the group option ``perturb`` (see
+    :class:`~msam_fused.MSAM`; adaptive perturbs along ``w**2 * m``). ``amsgrad`` is not
+    supported.
     The paper's ViT recipe uses ``rho = 0`` during the LR warm-up and clips gradients at 1.0
     (clip before :meth:`step`).
     """
@@ -33,10 +35,11 @@ class AdamWMSAM(MomentumAscentOptimizer):
     direction_key = "exp_avg"
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, rho: float = 1.0, *, amsgrad: bool = False,
-                 backend: str = "auto", nonfinite: str = "skip", master_weights: bool = False):
+                 weight_decay: float = 1e-2, rho: float = 1.0, *, adaptive: bool = False,
+                 amsgrad: bool = False, backend: str = "auto", nonfinite: str = "skip",
+                 master_weights: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, rho=rho, amsgrad=amsgrad)
+                        weight_decay=weight_decay, rho=rho, adaptive=adaptive, amsgrad=amsgrad)
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite,
                          master_weights=master_weights)
 
@@ -61,4 +64,5 @@ class AdamWMSAM(MomentumAscentOptimizer):
             bucket.params, bucket.grads, bucket.column("exp_avg"), bucket.column("exp_avg_sq"),
             bucket.column("step"), bucket.column("master_weight"), lr=g["lr"], beta1=beta1,
             beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef=coef,
-            norm_dtype=norm_dtype, grad_scale=grad_scale, found_inf=found_inf)
+            norm_dtype=norm_dtype, grad_scale=grad_scale, found_inf=found_inf,
+            **bucket.adaptive_kwargs())

@@ -111,6 +111,23 @@ def resolve(requested: str, device: torch.device):
     raise BackendUnavailableError("; ".join(reasons))  # unreachable: reference always loads
 
 
+def with_feature(backend, feature: str, requested: str, what: str):
+    """``backend`` if it implements an optional feature (its ``feature`` flag, e.g.
+    ``supports_adaptive``, is true); otherwise the reference backend when the user asked for
+    "auto" (said once), else :class:`BackendUnavailableError` naming what is missing."""
+    if getattr(backend, feature, False):
+        return backend
+    if requested != "auto":
+        raise BackendUnavailableError(
+            f"{what}: backend '{backend.name}' does not implement this ({feature} is not set); "
+            "use backend='reference', or 'auto' to fall back to it")
+    if (feature, backend.name) not in _fallbacks_reported:
+        _fallbacks_reported.add((feature, backend.name))
+        warnings.warn(f"msam_fused: {what} runs on the 'reference' backend: backend "
+                      f"'{backend.name}' does not implement it ({feature})", stacklevel=4)
+    return _load_reference(None)
+
+
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
     """Each backend name mapped to ``None`` if it can run on ``device``, else why it cannot."""
     out = {}

@@ -12,6 +12,19 @@ direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-M
 
 A bucket is the parameters of one param group on one device in one dtype. The step never
 reads a device value on the host (except ``nonfinite="raise"``, which must).
+
+Sharded parameters (DTensors, FSDP2): buckets hold each rank's local shards, and the sum of
+squares and the non-finite flag are all-reduced over the mesh between the passes
+(``msam_fused.distributed.sharding``), so every rank applies the coefficient of the global norm.
+
+Two group options change what is perturbed (docs/variants.md):
+
+* ``adaptive=True`` (ASAM-style): the group's perturbation is ``-c * x`` with ``x = w**2 * v``
+  and its terms of the global norm are ``|w| * v``; ``x`` is stored as applied (state
+  ``"perturbation"``), so the invariant reads ``p = w - c * x`` and is removed exactly.
+  Backends that implement it set ``supports_adaptive``.
+* ``perturb=False``: the group is never perturbed (``c = 0``, ``p = w``) and stays out of the
+  global norm, e.g. everything but the normalization layers (SAM-ON).
 """
 
 from __future__ import annotations
@@ -25,12 +38,22 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused import backends
+from msam_fused.distributed import sharding
 from msam_fused.nonfinite import step_skip_flag
-from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
+from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
                                    check_param_for_step, describe_param)
 
 STATE_FORMAT = 1
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+PERTURBATION_KEY = "perturbation"
+
+
+def is_adaptive(group: dict) -> bool:
+    return bool(group.get("adaptive", False))
+
+
+def perturbs(group: dict) -> bool:
+    return bool(group.get("perturb", True))
 
 
 @dataclass
@@ -43,9 +66,22 @@ class Bucket:
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
     backend: Any = None
+    norm_weight: float = 1.0  # what its sum of squares counts for in the global norm (sharding)
+    sharded: bool = False     # params, grads and state are DTensors: hand the backend local shards
 
     def column(self, key: str) -> list:
-        return [state.get(key) for state in self.states]
+        values = [state.get(key) for state in self.states]
+        return [sharding.local(v) for v in values] if self.sharded else values
+
+    def applied_directions(self, direction_key: str) -> list:
+        """What the perturbation was applied along: the stored ``x`` of an adaptive group,
+        else the direction state itself."""
+        return self.column(PERTURBATION_KEY if is_adaptive(self.group) else direction_key)
+
+    def adaptive_kwargs(self) -> dict:
+        """``perturbations=`` for the backend, only for adaptive groups, so backends without
+        adaptive support keep seeing the plain contract."""
+        return {"perturbations": self.column(PERTURBATION_KEY)} if is_adaptive(self.group) else {}
 
 
 class MomentumAscentOptimizer(Optimizer):
@@ -67,7 +103,7 @@ class MomentumAscentOptimizer(Optimizer):
             raise ValueError(f"{where}: unknown backend {backend!r}; choose one of "
                              f"{', '.join(backends.BACKEND_NAMES)}")
         check_nonfinite_policy(where, nonfinite)
-        self.check_hyperparameters(where, defaults)
+        self.check_group(where, defaults)
         self.backend_request = backend
         self.nonfinite = nonfinite
         self.master_weights = bool(master_weights)
@@ -79,6 +115,7 @@ class MomentumAscentOptimizer(Optimizer):
         self._backends: dict[torch.device, Any] = {}
         self._skipped_steps: Optional[Tensor] = None
         self._unperturbed_depth = 0
+        self._sharding: Optional[sharding.ShardLayout] = None  # set when parameters are DTensors
 
     def __setstate__(self, state: dict) -> None:  # deepcopy / pickle keep only torch's fields
         super().__setstate__(state)
@@ -89,11 +126,19 @@ class MomentumAscentOptimizer(Optimizer):
             self._init_runtime()
             for group in self.param_groups:
                 self._register_group(group)
+            self._sharding = sharding.shard_layout(type(self).__name__, self._all_params())
 
     # ----------------------------------------------------------------------------- hooks
     @classmethod
     def check_hyperparameters(cls, where: str, group: dict) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def check_group(cls, where: str, group: dict) -> None:
+        """The optimizer's hyper-parameters and the perturbation options of one group."""
+        cls.check_hyperparameters(where, group)
+        check_flag(where, "adaptive", group.get("adaptive", False))
+        check_flag(where, "perturb", group.get("perturb", True))
 
     def _state_spec(self, p: Tensor) -> dict[str, tuple]:
         """Each state key of ``p`` mapped to its (shape, dtype)."""
@@ -110,17 +155,30 @@ class MomentumAscentOptimizer(Optimizer):
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         index = len(self.param_groups)
-        known = [p for g in self.param_groups for p in g["params"]]
+        known = self._all_params()
         check_new_params(where, index, _with_plain_params(group), known)
-        self.check_hyperparameters(f"{where} param group {index}", {**self.defaults, **group})
+        self.check_group(f"{where} param group {index}", {**self.defaults, **group})
+        layout = sharding.shard_layout(where, known + _with_plain_params(group)["params"])
         super().add_param_group(param_group)
         self._register_group(self.param_groups[-1])
+        self._sharding = layout
+
+    def _all_params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _register_group(self, group: dict) -> None:
         for p in group["params"]:
             self._layouts[id(p)] = (p.device, p.dtype)
             if p.device not in self._backends:
                 self._backends[p.device] = backends.resolve(self.backend_request, p.device)
+            self._bucket_backend(group, p.device)  # fails now if the group cannot run there
+
+    def _bucket_backend(self, group: dict, device: torch.device):
+        backend = self._backends[device]
+        if is_adaptive(group):
+            return backends.with_feature(backend, "supports_adaptive", self.backend_request,
+                                         f"{type(self).__name__}(adaptive=True)")
+        return backend
 
     @property
     def backend(self) -> str | dict:
@@ -149,10 +207,17 @@ class MomentumAscentOptimizer(Optimizer):
             spec["master_weight"] = (p.shape, torch.float32)
         return spec
 
-    def _init_state(self, p: Tensor) -> dict:
+    def _group_state_spec(self, p: Tensor, group: dict) -> dict[str, tuple]:
+        """:meth:`_state_spec` plus the stored perturbation of an adaptive group."""
+        spec = self._state_spec(p)
+        if is_adaptive(group):
+            spec[PERTURBATION_KEY] = (p.shape, self._state_dtype(p))
+        return spec
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
         """Zero state; the master copy starts at the weights (no perturbation yet)."""
-        state = {k: torch.zeros(shape, dtype=dtype, device=p.device)
-                 for k, (shape, dtype) in self._state_spec(p).items()}
+        state = {k: sharding.zeros_like_param(p, shape, dtype)
+                 for k, (shape, dtype) in self._group_state_spec(p, group).items()}
         if "master_weight" in state:
             state["master_weight"].copy_(p.detach())
         return state
@@ -173,6 +238,8 @@ class MomentumAscentOptimizer(Optimizer):
         where = f"{type(self).__name__}.step"
         if self._unperturbed_depth:
             raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
+        if self._sharding is not None:
+            self._sharding.check_alive(where)
         # The coefficients last applied, read before new parameters get (zero) state.
         coef_old = {id(g): self._group_coef(g) for g in self.param_groups}
         buckets, labelled_grads = self._collect_buckets(where)
@@ -182,7 +249,7 @@ class MomentumAscentOptimizer(Optimizer):
         norm_dtype = self._norm_dtype()
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled_grads],
                                    [label for _, label in labelled_grads], norm_device,
-                                   getattr(self, "found_inf", None))
+                                   getattr(self, "found_inf", None), all_ranks=self._sharding)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
                     else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
@@ -191,20 +258,29 @@ class MomentumAscentOptimizer(Optimizer):
             coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
             sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
                                      _on(found_inf, b.device))
-            total = total + sq.to(norm_device, non_blocking=True)
+            if perturbs(b.group):
+                if b.norm_weight != 1.0:
+                    sq = sq * b.norm_weight
+                total = total + sq.to(norm_device, non_blocking=True)
+        if self._sharding is not None:
+            total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
 
         norm_backend = self._backends[norm_device]
         coef_new = {}
         for b in buckets:
             key = id(b.group)
             if key not in coef_new:
-                coef_new[key] = norm_backend.perturbation_coef(total, b.group["rho"], coef_old[key],
-                                                               found_inf)
+                # an unperturbed group keeps c = 0, as the (skipped or not) step leaves it
+                rho = b.group["rho"] if perturbs(b.group) else 0.0
+                coef_new[key] = norm_backend.perturbation_coef(total, rho, coef_old[key], found_inf)
         for b in buckets:
             coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
-            b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
-                                          b.column("master_weight"), coef=coef,
-                                          found_inf=_on(found_inf, b.device))
+            # p = w - 0 * x is p = w, which the first pass left there unless w is a master copy
+            if perturbs(b.group) or any(m is not None for m in b.column("master_weight")):
+                b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
+                                              b.column("master_weight"), coef=coef,
+                                              found_inf=_on(found_inf, b.device),
+                                              **b.adaptive_kwargs())
             for state in b.states:
                 state["perturbation_coef"] = coef
         if found_inf is not None:
@@ -226,28 +302,47 @@ class MomentumAscentOptimizer(Optimizer):
         Everything is checked before anything is written, so a bad parameter changes nothing.
         """
         for gi, group in enumerate(self.param_groups):
-            self.check_hyperparameters(f"{where}: param group {gi}", group)
+            self.check_group(f"{where}: param group {gi}", group)
+            self._check_perturbation_options(f"{where}: param group {gi}", group)
             for i, p in enumerate(group["params"]):
-                check_param_for_step(where, describe_param(group, gi, i, p), p, self._layouts[id(p)])
+                what = describe_param(group, gi, i, p)
+                check_param_for_step(where, what, p, self._layouts[id(p)])
+                if self._sharding is not None:
+                    sharding.check_grad(where, what, p)
         buckets: dict[tuple, Bucket] = {}
         labelled_grads = []
+        sharded = self._sharding is not None
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if p.grad is None and not state:
                     continue  # never had a gradient: no state, no perturbation
                 if not state:
-                    state = self.state[p] = self._init_state(p)
-                key = (gi, p.device, p.dtype)
+                    state = self.state[p] = self._init_state(p, group)
+                weight = self._sharding.weight(p) if sharded else 1.0
+                key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
+                    buckets[key] = Bucket(group, p.device, backend=self._bucket_backend(group, p.device),
+                                          norm_weight=weight, sharded=sharded)
                 b = buckets[key]
-                b.params.append(p)
-                b.grads.append(p.grad)
+                grad = sharding.local(p.grad) if sharded else p.grad
+                b.params.append(sharding.local(p) if sharded else p)
+                b.grads.append(grad)
                 b.states.append(state)
-                if p.grad is not None:
-                    labelled_grads.append((p.grad, describe_param(group, gi, i, p)))
+                if grad is not None:
+                    labelled_grads.append((grad, describe_param(group, gi, i, p)))
         return list(buckets.values()), labelled_grads
+
+    def _check_perturbation_options(self, where: str, group: dict) -> None:
+        """The group's backend can run its options, and ``adaptive`` is what its state was
+        built for (the stored perturbation exists exactly for adaptive groups)."""
+        for device in {p.device for p in group["params"]}:
+            self._bucket_backend(group, device)
+        state = next((self.state[p] for p in group["params"] if self.state.get(p)), None)
+        if state is not None and (PERTURBATION_KEY in state) != is_adaptive(group):
+            raise ValueError(f"{where}: adaptive={is_adaptive(group)}, but the group was stepped with "
+                             f"adaptive={not is_adaptive(group)}; adaptive cannot change once a "
+                             "group has optimizer state")
 
     # ----------------------------------------------------------------- true weights access
     def _perturbed_buckets(self) -> list[Bucket]:
@@ -259,8 +354,9 @@ class MomentumAscentOptimizer(Optimizer):
                     continue
                 key = (gi, p.device, p.dtype)
                 if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._backends[p.device])
-                buckets[key].params.append(p)
+                    buckets[key] = Bucket(group, p.device, backend=self._bucket_backend(group, p.device),
+                                          sharded=self._sharding is not None)
+                buckets[key].params.append(sharding.local(p))
                 buckets[key].states.append(state)
         return list(buckets.values())
 
@@ -280,7 +376,7 @@ class MomentumAscentOptimizer(Optimizer):
         saved = [[p.detach().clone() for p in b.params] for b in buckets]
         with torch.no_grad():
             for b in buckets:
-                b.backend.remove_perturbation_(b.params, b.column(self.direction_key),
+                b.backend.remove_perturbation_(b.params, b.applied_directions(self.direction_key),
                                                b.column("master_weight"),
                                                coef=b.states[0]["perturbation_coef"])
         self._unperturbed_depth = 1
@@ -320,14 +416,16 @@ class MomentumAscentOptimizer(Optimizer):
         self._check_loadable(state_dict, tag)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        # torch casts every floating state tensor to the parameter's dtype; our state keeps
-        # fp32 for low-precision parameters and the coefficient in the norm dtype.
+        # torch casts every floating state tensor to the parameter's dtype (our state keeps
+        # fp32 for low-precision parameters and the coefficient in the norm dtype) and may
+        # alias the given tensors (so two optimizers would share state): copy instead.
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for i, p, group in zip(ids, params, groups):
             if i in saved_state:
-                spec = self._state_spec(p)
-                self.state[p] = {k: v.to(device=p.device, dtype=spec[k][1])
+                spec = self._group_state_spec(p, group)
+                self.state[p] = {k: v.to(device=p.device, dtype=spec[k][1], copy=True)
                                  for k, v in saved_state[i].items()}
         for group in self.param_groups:  # one coefficient object per group, as a step leaves it
             coef = None
@@ -358,7 +456,7 @@ class MomentumAscentOptimizer(Optimizer):
             if missing:
                 raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}: it "
                                  f"was not saved by msam_fused.{type(self).__name__}")
-            self.check_hyperparameters(f"{where}: saved param group {gi}", saved)
+            self.check_group(f"{where}: saved param group {gi}", saved)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{where}: param group {gi} has {len(saved['params'])} parameters "
                                  f"in the state dict and {len(group['params'])} here: another model?")
@@ -368,7 +466,10 @@ class MomentumAscentOptimizer(Optimizer):
                 if state is None:
                     continue
                 what = describe_param(group, gi, index, p)
-                expected = self._state_spec(p)
+                expected = self._group_state_spec(p, saved)  # the saved options come back
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        sharding.check_state_layout(where, what, key, value, p)
                 if set(state) != set(expected):
                     raise ValueError(f"{where}: state of {what} has keys {sorted(state)}, expected "
                                      f"{sorted(expected)}: it was not saved by this optimizer")

@@ -39,7 +39,13 @@ class MSAM(MomentumAscentOptimizer):
             gradient holds inf/NaN, and counts it in :attr:`skipped_steps`; ``"raise"`` raises
             (this reads a device flag on the host every step).
         master_weights: keep fp32 copies of the true weights of bf16/fp16 parameters.
+        adaptive: ASAM-style perturbation ``-c * w**2 * v`` with ``c = rho / || |w| * v ||``
+            (per group; the norm stays global). Costs one more state tensor per parameter.
         nesterov, dampening: accepted only to reject them: MSAM is defined for plain momentum.
+
+    Param groups may also carry ``perturb=False``: such a group is never perturbed and stays
+    out of the global norm (e.g. all but the normalization layers:
+    :func:`msam_fused.variants.perturbation_param_groups`). See docs/variants.md.
 
     Parameters whose ``grad`` is ``None`` in a step keep their weights and momentum (as in
     ``torch.optim.SGD``) but are re-perturbed with the new coefficient, so every parameter
@@ -50,10 +56,11 @@ class MSAM(MomentumAscentOptimizer):
     direction_key = "momentum_buffer"
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 rho: float = 0.3, *, nesterov: bool = False, dampening: float = 0.0,
-                 backend: str = "auto", nonfinite: str = "skip", master_weights: bool = False):
+                 rho: float = 0.3, *, adaptive: bool = False, nesterov: bool = False,
+                 dampening: float = 0.0, backend: str = "auto", nonfinite: str = "skip",
+                 master_weights: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho,
-                        nesterov=nesterov, dampening=dampening)
+                        adaptive=adaptive, nesterov=nesterov, dampening=dampening)
         super().__init__(params, defaults, backend=backend, nonfinite=nonfinite,
                          master_weights=master_weights)
 
@@ -78,4 +85,4 @@ class MSAM(MomentumAscentOptimizer):
             bucket.params, bucket.grads, bucket.column("momentum_buffer"),
             bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
             momentum=g["momentum"], coef=coef, norm_dtype=norm_dtype, grad_scale=grad_scale,
-            found_inf=found_inf)
+            found_inf=found_inf, **bucket.adaptive_kwargs())

@@ -19,7 +19,8 @@ def nonfinite_flag(grads: Sequence[Tensor], device: torch.device) -> Tensor:
     """A 0-d bool tensor on ``device``: True if any gradient holds an inf or NaN."""
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
     for g in grads:
-        by_device[g.device].append(g)
+        if g.numel():  # the inf-norm of an empty tensor (e.g. an empty FSDP2 shard) is an error
+            by_device[g.device].append(g)
     flag = torch.zeros((), dtype=torch.bool, device=device)
     for tensors in by_device.values():
         maxima = torch._foreach_norm(tensors, float("inf"))
@@ -29,22 +30,28 @@ def nonfinite_flag(grads: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 def step_skip_flag(policy: str, where: str, grads: Sequence[Tensor], labels: Sequence[str],
-                   device: torch.device, scaler_found_inf: Optional[Tensor]) -> Optional[Tensor]:
+                   device: torch.device, scaler_found_inf: Optional[Tensor],
+                   all_ranks=None) -> Optional[Tensor]:
     """The device flag that makes the step a no-op, or None when nothing needs checking.
 
     ``policy="raise"`` reads the flag on the host and raises, naming the offending tensors,
-    before anything is modified.
+    before anything is modified. ``all_ranks`` (a ``msam_fused.distributed.sharding.RankGroup``)
+    is given when the ranks see different gradients (shards, a local SAM ascent): the flag is
+    then all-reduced, so that every rank skips, or raises, together.
     """
     if scaler_found_inf is not None:
-        return scaler_found_inf
+        return scaler_found_inf if all_ranks is None else all_ranks.any(scaler_found_inf)
     if not grads:
         return None
     flag = nonfinite_flag(grads, device)
+    if all_ranks is not None:
+        flag = all_ranks.any(flag)
     if policy == "raise":
         if bool(flag):
             bad = [label for g, label in zip(grads, labels) if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(
-                f"{where}: non-finite gradient (inf or NaN) in {', '.join(bad[:5])}"
+                f"{where}: non-finite gradient (inf or NaN) in "
+                f"{', '.join(bad[:5]) or 'the gradients of another rank'}"
                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
                 + "; nothing was changed (nonfinite='skip' would skip the step instead)")
         return None

@@ -19,6 +19,12 @@ Conventions shared by all backends (see ``msam_fused/backends.py`` for the contr
 * A gradient of ``None`` means "this parameter got no gradient this step": its weights and
   state stay as they are, but it is still re-perturbed with the new coefficient so that every
   parameter keeps holding ``w - c * v`` with one coefficient per group.
+* Adaptive (ASAM-style) perturbation, for groups that ask for it: the perturbation is
+  ``-c * x`` with ``x = w**2 * v`` (elementwise, ``w`` the true weights it is applied at) and
+  ``c = rho / || |w| * v ||``. Because ``x`` depends on ``w``, it is stored (``perturbations``)
+  as applied, so the old perturbation is removed along exactly the ``x`` that was applied.
+  A backend that implements this sets ``supports_adaptive = True`` and accepts
+  ``perturbations=`` in ``*_update_`` and ``apply_perturbation_``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor
 EPS_NORM = 1e-12
 
 name = "reference"
+supports_adaptive = True
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +67,12 @@ def _true_weights(p: Tensor, direction: Tensor, master: Optional[Tensor], coef: 
     return p.to(cd) + coef.to(cd) * direction.to(cd)
 
 
+def _norm_term(direction: Tensor, w: Tensor, stored: Tensor, adaptive: bool) -> Tensor:
+    """A term of the perturbation norm: the direction, or ``|w| * direction`` for an adaptive
+    group, with ``w`` rounded as the second pass will read it back from ``stored``."""
+    return w.to(stored.dtype).to(w.dtype).abs() * direction if adaptive else direction
+
+
 def _sum_of_squares(tensors: Sequence[Tensor], norm_dtype: torch.dtype, device) -> Tensor:
     total = torch.zeros((), dtype=norm_dtype, device=device)
     for t in tensors:
@@ -80,18 +93,23 @@ def msam_sgd_update_(
     norm_dtype: torch.dtype,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    perturbations: Optional[Sequence[Tensor]] = None,
 ) -> Tensor:
     """First pass of MSAM-SGD (SPEC §1 steps 1-4) for the tensors of one bucket.
 
     Leaves the parameters at the true, updated weights ``w`` (or updates the master copy) and
     returns the bucket's sum of squares of the new momentum, for the global norm.
+
+    ``perturbations`` (adaptive groups): the stored ``x`` the old perturbation was applied
+    along; it is removed along them, and the sum of squares is that of ``|w_new| * v_new``.
     """
     device = params[0].device
     skip = _skip_mask(found_inf, device)
-    new_momenta = []
-    for p, g, v, master in zip(params, grads, momenta, masters):
+    adaptive = perturbations is not None
+    terms = []
+    for p, g, v, master, x in zip(params, grads, momenta, masters, perturbations or momenta):
         cd = compute_dtype(p.dtype)
-        w = _true_weights(p, v, master, coef)
+        w = _true_weights(p, x, master, coef)
         if g is None:
             v_new = v.to(cd)
         else:
@@ -99,9 +117,10 @@ def msam_sgd_update_(
             v_new = momentum * v.to(cd) + d
             w = w - lr * v_new
             _commit_(v, v_new, skip)
-        _commit_(master if master is not None else p, w, skip)
-        new_momenta.append(v_new)
-    return _sum_of_squares(new_momenta, norm_dtype, device)
+        stored = master if master is not None else p
+        _commit_(stored, w, skip)
+        terms.append(_norm_term(v_new, w, stored, adaptive))
+    return _sum_of_squares(terms, norm_dtype, device)
 
 
 def adamw_msam_update_(
@@ -121,18 +140,22 @@ def adamw_msam_update_(
     norm_dtype: torch.dtype,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    perturbations: Optional[Sequence[Tensor]] = None,
 ) -> Tensor:
-    """First pass of AdamW-MSAM (SPEC §1 steps 1-4); returns the bucket's sum of ``m**2``.
+    """First pass of AdamW-MSAM (SPEC §1 steps 1-4); returns the bucket's sum of ``m**2``
+    (of ``(|w_new| * m_new)**2`` with ``perturbations``, as in :func:`msam_sgd_update_`).
 
     ``steps`` are per-parameter 0-d float32 counters on the device; they advance only for
     parameters that got a gradient and only when the step is not skipped.
     """
     device = params[0].device
     skip = _skip_mask(found_inf, device)
-    new_exp_avgs = []
-    for p, g, m, s, t, master in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters):
+    adaptive = perturbations is not None
+    terms = []
+    for p, g, m, s, t, master, x in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masters,
+                                        perturbations or exp_avgs):
         cd = compute_dtype(p.dtype)
-        w = _true_weights(p, m, master, coef)
+        w = _true_weights(p, x, master, coef)
         if g is None:
             m_new = m.to(cd)
         else:
@@ -148,9 +171,10 @@ def adamw_msam_update_(
             _commit_(m, m_new, skip)
             _commit_(s, s_new, skip)
             _commit_(t, t_new, skip)
-        _commit_(master if master is not None else p, w, skip)
-        new_exp_avgs.append(m_new)
-    return _sum_of_squares(new_exp_avgs, norm_dtype, device)
+        stored = master if master is not None else p
+        _commit_(stored, w, skip)
+        terms.append(_norm_term(m_new, w, stored, adaptive))
+    return _sum_of_squares(terms, norm_dtype, device)
 
 
 def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
@@ -172,14 +196,23 @@ def apply_perturbation_(
     *,
     coef: Tensor,
     found_inf: Optional[Tensor] = None,
+    perturbations: Optional[Sequence[Tensor]] = None,
 ) -> None:
     """Second pass (SPEC §1 step 6): ``p = w - c * direction``, with ``w`` where the first pass
-    left it (in the parameter itself, or in the master copy)."""
+    left it (in the parameter itself, or in the master copy).
+
+    With ``perturbations`` (adaptive groups) the perturbation is along ``x = w**2 * direction``
+    instead, and ``x`` is stored in them, for the next step's removal.
+    """
     skip = _skip_mask(found_inf, params[0].device)
-    for p, x, master in zip(params, directions, masters):
+    for p, d, master, stored_x in zip(params, directions, masters, perturbations or directions):
         cd = compute_dtype(p.dtype)
         w = (master if master is not None else p).to(cd)
-        _commit_(p, w - coef.to(cd) * x.to(cd), skip)
+        x = d.to(cd)
+        if perturbations is not None:
+            x = w * w * x
+            _commit_(stored_x, x, skip)
+        _commit_(p, w - coef.to(cd) * x, skip)
 
 
 def remove_perturbation_(

@@ -9,9 +9,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused import backends
+from msam_fused.distributed import sharding
+from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import step_skip_flag
-from msam_fused.validation import (check_new_params, check_nonfinite_policy, check_number,
-                                   describe_param)
+from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
+                                   check_number, describe_param)
 
 
 class SAM(Optimizer):
@@ -42,9 +44,17 @@ class SAM(Optimizer):
     optimizer's defaults, and ``state_dict()`` is the base optimizer's (groups also carry
     ``rho`` and ``adaptive``), so a resumed run continues exactly.
 
+    Param groups may carry ``perturb=False``: such a group is not moved and stays out of the
+    norm (e.g. all but the normalization layers, SAM-ON:
+    :func:`msam_fused.variants.perturbation_param_groups`); its ``g2`` still drives the step.
+
     Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
     perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
     happens on the device; otherwise deciding it reads one flag on the host.
+
+    Distributed: under DDP use :func:`msam_fused.distributed.sam_step`, which runs the ascent
+    pass locally per rank (the default) or globally synchronised. With DTensor parameters
+    (FSDP2) the ascent norm is global: one all-reduce of the partial sums of squares.
     """
 
     _step_supports_amp_scaling = True
@@ -66,6 +76,7 @@ class SAM(Optimizer):
         self._backups: dict[Tensor, Tensor] = {}
         self._pending: Optional[tuple] = None
         self._skipped_steps: Optional[Tensor] = None
+        self._sharding: Optional[sharding.ShardLayout] = None
         self._adopting = True
         defaults = {**self.base_optimizer.defaults, "rho": rho, "adaptive": bool(adaptive)}
         super().__init__(self.base_optimizer.param_groups, defaults)
@@ -79,15 +90,16 @@ class SAM(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         where = "SAM"
         index = len(self.param_groups)
+        known = [p for g in self.param_groups for p in g["params"]]
         if not self._adopting:
             params = param_group["params"]
             params = [params] if isinstance(params, Tensor) else list(params)
             param_group["params"] = params
-            check_new_params(where, index, param_group,
-                             [p for g in self.param_groups for p in g["params"]])
+            check_new_params(where, index, param_group, known)
+        layout = sharding.shard_layout(where, known + list(param_group["params"]))
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
-        check_number(f"SAM param group {index}", "rho", param_group["rho"])
+        _check_group(f"SAM param group {index}", param_group)
         for p in param_group["params"]:
             if p.device not in self._backends:
                 self._backends[p.device] = backends.resolve(self.backend_request, p.device)
@@ -95,6 +107,7 @@ class SAM(Optimizer):
             self.param_groups.append(param_group)  # already in the base optimizer
         else:
             self.base_optimizer.add_param_group(param_group)
+        self._sharding = layout
 
     @property
     def backend(self) -> str | dict:
@@ -106,11 +119,16 @@ class SAM(Optimizer):
         return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _buckets(self, where: str) -> tuple[list[tuple], list]:
-        """(group, device, params, grads) per bucket, for parameters that have a gradient."""
+        """(group, device, params, grads) per bucket, for parameters that have a gradient.
+
+        The gradients are the local tensors (shards of DTensors); the parameters are the
+        parameters themselves: they key the backups."""
         buckets: dict[tuple, tuple] = {}
         labelled = []
         for gi, group in enumerate(self.param_groups):
-            check_number(f"{where}: param group {gi}", "rho", group["rho"])
+            _check_group(f"{where}: param group {gi}", group)
+            if not perturbs(group):
+                continue
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -118,74 +136,145 @@ class SAM(Optimizer):
                 if p.grad.is_sparse or p.grad.is_complex():
                     raise RuntimeError(f"{where}: {what} has a sparse or complex gradient; SAM needs "
                                        "dense real gradients")
-                key = (gi, p.device, p.dtype)
+                weight = 1.0
+                if self._sharding is not None:
+                    sharding.check_grad(where, what, p)
+                    weight = self._sharding.weight(p)
+                key = (gi, p.device, p.dtype, weight)
                 if key not in buckets:
-                    buckets[key] = (group, p.device, [], [])
+                    buckets[key] = (group, p.device, [], [], weight)
+                grad = p.grad if self._sharding is None else sharding.local(p.grad)
                 buckets[key][2].append(p)
-                buckets[key][3].append(p.grad)
-                labelled.append((p.grad, what))
+                buckets[key][3].append(grad)
+                labelled.append((grad, what))
         return list(buckets.values()), labelled
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``."""
-        where = "SAM.first_step"
+    def first_step(self, zero_grad: bool = False, *, local_ascent_group: Any = None) -> None:
+        """Move from ``w`` to ``w + e`` using the gradients now in ``.grad``.
+
+        ``local_ascent_group``: the process group of a local ascent under DDP (the first
+        backward ran under ``no_sync()``, so each rank's ``g1`` is its own). The norm stays
+        per rank, but a non-finite ``g1`` on any rank skips the step on all of them, so the
+        ranks stay identical. :func:`msam_fused.distributed.sam_step` passes it for you.
+        """
+        where = f"{type(self).__name__}.first_step"
         if self._pending is not None:
             raise RuntimeError(f"{where}() was called twice; call second_step() in between")
+        self._pending = self._ascend(where, self._backup_of, local_ascent_group)
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascent_ranks(self, where: str, local_ascent_group: Any):
+        """The ranks whose skip decisions must agree: the mesh of sharded parameters, or the
+        group of a local ascent; None for a single process."""
+        all_ranks = self._sharding
+        if local_ascent_group is not None:
+            if all_ranks is not None:
+                raise ValueError(f"{where}: a local ascent needs every rank to hold whole "
+                                 "parameters; these are DTensor shards (FSDP2): use the global ascent")
+            all_ranks = sharding.RankGroup(local_ascent_group)
+        if all_ranks is not None:
+            all_ranks.check_alive(where)
+        return all_ranks
+
+    def _ascend(self, where: str, backup_of, local_ascent_group: Any = None) -> tuple[list, Optional[Tensor]]:
+        """One ascent from where the parameters are, along the gradients now in ``.grad``:
+        ``p += scale * direction`` per bucket (:meth:`_ascent_directions`), after
+        ``backup_of(p)`` received ``p``. Returns the moved (device, params) and the skip flag."""
+        all_ranks = self._ascent_ranks(where, local_ascent_group)
         buckets, labelled = self._buckets(where)
         if not buckets:
-            raise RuntimeError(f"{where}(): no parameter has a gradient; run backward() first")
+            raise RuntimeError(f"{where}(): no parameter has a gradient (in a group with "
+                               "perturb=True); run backward() first")
         norm_device = buckets[0][1]
         norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
             else torch.float32
         found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
-                                   [w for _, w in labelled], norm_device, None)
-        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads in buckets:
-            sq = self._backends[device].sam_ascent_sum_of_squares(
-                params, grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
-            total = total + sq.to(norm_device, non_blocking=True)
-        zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        for group, device, params, grads in buckets:
-            scale = self._backends[norm_device].perturbation_coef(total, group["rho"], zero, found_inf)
-            backups = [self._backup_of(p) for p in params]
+                                   [w for _, w in labelled], norm_device, None, all_ranks=all_ranks)
+        ascents = self._ascent_directions(buckets, norm_device, norm_dtype, found_inf)
+        for (group, device, params, _, _), (directions, scale) in zip(buckets, ascents):
+            backups = [backup_of(p) for p in params]
             self._backends[device].sam_ascent_(
-                params, grads, backups, scale=scale.to(device, non_blocking=True),
+                self._locals(params), directions, backups, scale=scale.to(device, non_blocking=True),
                 adaptive=group["adaptive"],
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
-        self._pending = ([(device, params) for _, device, params, _ in buckets], found_inf)
+        return [(device, params) for _, device, params, _, _ in buckets], found_inf
+
+    def _ascent_directions(self, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
+                           found_inf: Optional[Tensor]) -> list[tuple]:
+        """(direction, scale) per bucket, ``e = scale * direction`` (``* w**2`` when adaptive):
+        SAM's ``g`` and ``radius / ||g||`` (the global norm; of ``|w| * g`` when adaptive)."""
+        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        for group, device, params, grads, weight in buckets:
+            sq = self._backends[device].sam_ascent_sum_of_squares(
+                self._locals(params), grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+            if weight != 1.0:
+                sq = sq * weight
+            total = total + sq.to(norm_device, non_blocking=True)
+        if self._sharding is not None:
+            total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
+        zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        norm_backend = self._backends[norm_device]
+        return [(grads, norm_backend.perturbation_coef(total, self._ascent_radius(group), zero, found_inf))
+                for group, _, _, grads, _ in buckets]
+
+    def _ascent_radius(self, group: dict) -> float:
+        """The length of one ascent (SAM: ``rho``)."""
+        return group["rho"]
+
+    def _locals(self, params: list) -> list:
+        """The tensors the backends work on: the parameters, or their local shards."""
+        return params if self._sharding is None else [sharding.local(p) for p in params]
+
+    def _backup_of(self, p: Tensor) -> Tensor:
+        """Where ``w`` of ``p`` (of its local shard) is kept during the second pass."""
+        return self._buffer_in(self._backups, p)
+
+    def _buffer_in(self, buffers: dict, p: Tensor) -> Tensor:
+        """``buffers[p]``: a reusable tensor like ``p`` (like its local shard)."""
+        x = p if self._sharding is None else sharding.local(p)
+        buffer = buffers.get(p)
+        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+            buffer = buffers[p] = torch.empty_like(x, memory_format=torch.preserve_format)
+        return buffer
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` exactly and take the base optimizer's step with the new gradients.
+
+        Runs through :meth:`step`, so LR schedulers and step hooks see every SAM step."""
+        if self._pending is None:
+            raise RuntimeError("SAM.second_step() was called without first_step()")
+        self.step()
         if zero_grad:
             self.zero_grad()
 
-    def _backup_of(self, p: Tensor) -> Tensor:
-        backup = self._backups.get(p)
-        if backup is None or backup.shape != p.shape or backup.dtype != p.dtype:
-            backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return backup
-
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Return to ``w`` exactly and take the base optimizer's step with the new gradients."""
-        where = "SAM.second_step"
-        if self._pending is None:
-            raise RuntimeError(f"{where}() was called without first_step()")
+    def _finish_step(self) -> Optional[Tensor]:
+        """Back to ``w``, then :meth:`_descend`; returns the step's skip flag."""
         perturbed, first_inf = self._pending
         for device, params in perturbed:
-            self._backends[device].sam_restore_(params, [self._backups[p] for p in params])
+            self._backends[device].sam_restore_(self._locals(params),
+                                                [self._backups[p] for p in params])
         self._pending = None
-        grads = [(p.grad, describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
+        return self._descend(f"{type(self).__name__}.second_step", first_inf)
+
+    def _descend(self, where: str, first_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
+        when they or the ascent's are not finite; returns the skip flag."""
+        grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
+                  describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
         device = grads[0][0].device if grads else None
         second_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in grads],
-                                    [w for _, w in grads], device, getattr(self, "found_inf", None)) \
-            if grads else None
+                                    [w for _, w in grads], device, getattr(self, "found_inf", None),
+                                    all_ranks=self._sharding) if grads else None
         found_inf = _either(first_inf, second_inf)
         self._base_step(found_inf, getattr(self, "grad_scale", None), [g for g, _ in grads])
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
-        if zero_grad:
-            self.zero_grad()
+        return found_inf
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
         base = self.base_optimizer
@@ -214,11 +303,11 @@ class SAM(Optimizer):
             if self._pending is None:
                 raise RuntimeError("SAM.step() needs a closure that runs the second forward and "
                                    "backward pass, or a first_step() before it")
-            return self.second_step()
+            return self._finish_step()
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             loss = closure()
-        self.second_step()
+        self._finish_step()
         return loss
 
     def state_dict(self) -> dict:
@@ -249,8 +338,22 @@ class SAM(Optimizer):
                         raise ValueError(
                             f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
                             f"{tuple(value.shape)}: the state dict is from another model")
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(with_copied_state(state_dict))
         self._share_base()
+
+
+def with_copied_state(state_dict: dict) -> dict:
+    """``state_dict`` with copies of its state tensors: torch's ``load_state_dict`` may alias
+    the given tensors (two optimizers loaded from one dict would then share momentum buffers)."""
+    return {**state_dict, "state": {k: {n: v.clone() if isinstance(v, Tensor) else v
+                                        for n, v in s.items()}
+                                    for k, s in state_dict["state"].items()}}
+
+
+def _check_group(where: str, group: dict) -> None:
+    check_number(where, "rho", group["rho"])
+    check_flag(where, "adaptive", group["adaptive"])
+    check_flag(where, "perturb", group.get("perturb", True))
 
 
 def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:

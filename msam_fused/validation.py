@@ -24,6 +24,11 @@ def check_number(where: str, name: str, value: Any, *, low: float = 0.0, high: f
         raise ValueError(f"{where}: invalid {name}={value!r}: must be {bound}")
 
 
+def check_flag(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be True or False, got {type(value).__name__} {value!r}")
+
+
 def check_betas(where: str, betas: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")

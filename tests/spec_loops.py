@@ -87,28 +87,37 @@ class SpecAdamWMSAM:
                     p.sub_(self.c[gi] * self.m[(gi, i)])
 
 
+def sgd_momentum_step_(p, d, buffers, key, lr, momentum):
+    """torch.optim.SGD's update without dampening: the buffer starts at d, then mu * buffer + d."""
+    if key not in buffers:
+        buffers[key] = d.clone()
+    else:
+        buffers[key].mul_(momentum).add_(d)
+    p.sub_(lr * buffers[key])
+
+
 def spec_sam_sgd_step(groups, buffers, grad_at, adaptive=False):
-    """One SAM step around SGD with momentum; ``grad_at(gi, i, p)`` gives the gradient at p."""
+    """One SAM step around SGD with momentum; ``grad_at(gi, i, p)`` gives the gradient at p.
+
+    A group's own ``adaptive`` overrides the argument; a group with ``perturb=False`` is not
+    moved and stays out of the norm."""
     g1 = [[grad_at(gi, i, p) for i, p in enumerate(g["params"])] for gi, g in enumerate(groups)]
+    moved = [gi for gi, g in enumerate(groups) if g.get("perturb", True)]
+    scaled = [groups[gi].get("adaptive", adaptive) for gi in range(len(groups))]
     sq = 0.0
-    for gi, group in enumerate(groups):
-        for p, g in zip(group["params"], g1[gi]):
-            x = p.abs() * g if adaptive else g
+    for gi in moved:
+        for p, g in zip(groups[gi]["params"], g1[gi]):
+            x = p.abs() * g if scaled[gi] else g
             sq += float((x.double() ** 2).sum())
     norm = math.sqrt(sq)
     saved = [[p.clone() for p in g["params"]] for g in groups]
-    for gi, group in enumerate(groups):
-        for p, g in zip(group["params"], g1[gi]):
-            e = group["rho"] * g / (norm + EPS)
-            p.add_(e * p * p if adaptive else e)
+    for gi in moved:
+        for p, g in zip(groups[gi]["params"], g1[gi]):
+            e = groups[gi]["rho"] * g / (norm + EPS)
+            p.add_(e * p * p if scaled[gi] else e)
     g2 = [[grad_at(gi, i, p) for i, p in enumerate(g["params"])] for gi, g in enumerate(groups)]
     for gi, group in enumerate(groups):
         for i, p in enumerate(group["params"]):
             p.copy_(saved[gi][i])
             d = g2[gi][i] + group["weight_decay"] * p
-            key = (gi, i)
-            if key not in buffers:
-                buffers[key] = d.clone()
-            else:
-                buffers[key].mul_(group["momentum"]).add_(d)
-            p.sub_(group["lr"] * buffers[key])
+            sgd_momentum_step_(p, d, buffers, (gi, i), group["lr"], group["momentum"])
