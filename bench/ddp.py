@@ -3,10 +3,11 @@
 Launch with torchrun; every process reads its place from the environment torchrun sets
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Without torchrun everything here is a no-op.
 
-Seam: the library's distributed support (``msam_fused.distributed``, issue 7) is to provide
-SAM's local and global ascent and sharded state. The scripts need only two things from it:
-the context of SAM's first pass (``bench.optimizers.StepConfig.ascent_context``, today
-``no_sync_of``) and, for sharded state, its own model wrapping in place of :func:`wrap`.
+SAM's two passes under DDP (local or global ascent, ``no_sync`` around the first forward and
+backward) are the library's :func:`msam_fused.distributed.sam_step`, called by
+``bench.optimizers.train_step``. Sharded state (FSDP2) would replace :func:`wrap` with
+``fully_shard`` and the checkpoints with ``msam_fused.distributed.save_checkpoint``; the
+scripts do not offer it yet.
 """
 
 from __future__ import annotations

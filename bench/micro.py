@@ -347,7 +347,7 @@ def main(argv=None) -> dict:
     all_cases, unavailable = cases(device)
     if args.only:
         all_cases = [c for c in all_cases if args.only in c.label]
-    copy_numel = (64 << 20) if on_gpu else (8 << 20)
+    copy_numel = 64 << 20  # 256 MiB each way: larger than any cache
     copy_bps = copy_bandwidth(device, copy_numel, args.warmup, max(args.repeats, 10))
     print(f"copy bandwidth: {copy_bps / 1e9:.2f} GB/s; unavailable backends: "
           + (", ".join(f"{k} ({v})" for k, v in unavailable.items()) or "none"), flush=True)

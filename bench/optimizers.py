@@ -9,13 +9,14 @@ optimizers take ``backend``; torch's own (and SAM's base) take ``torch_impl``: `
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 import msam_fused
+from msam_fused.distributed import ASCENTS, DEFAULT_ASCENT, sam_step
 
 OPTIMIZERS = ("sgd", "nag", "adamw", "sam", "sam-nag", "sam-adamw", "msam", "adamw-msam")
 TORCH_IMPLS = ("default", "for-loop", "foreach", "fused")
@@ -79,26 +80,6 @@ def optimizer_backend(opt) -> str:
     return "fused" if group.get("fused") else ("foreach" if group.get("foreach") else "for-loop")
 
 
-def no_sync_of(model: nn.Module):
-    """SAM's ascent pass under DDP: skip the gradient all-reduce (a per-rank ascent).
-
-    Both the forward and the backward must run inside ``no_sync()``: DDP decides in the
-    forward whether the backward will all-reduce, so wrapping only the backward still
-    synchronises. Outside DDP this is a no-op.
-    """
-    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
-
-
-def synced_ascent(model: nn.Module):
-    """SAM's ascent pass with DDP's usual all-reduce: every rank ascends along the global g1."""
-    return nullcontext()
-
-
-#: ``--sam-ascent``: SAM's first pass per rank ("local", the default: no extra all-reduce, as
-#: in SAM's m-sharpness) or on the all-reduced gradient ("global").
-SAM_ASCENTS = {"local": no_sync_of, "global": synced_ascent}
-
-
 @dataclass
 class StepConfig:
     """How a training step runs, apart from model and optimizer."""
@@ -108,28 +89,36 @@ class StepConfig:
     scaler: Optional[torch.amp.GradScaler] = None
     clip_grad: float = 0.0                 # max gradient norm; 0 = no clipping
     channels_last: bool = False
-    #: (model) -> context for SAM's first forward and backward; the seam where a distributed
-    #: helper (global or local ascent) plugs in.
-    ascent_context: Callable = field(default=no_sync_of)
+    #: SAM under DDP: "local" (each rank ascends along its own gradient; the first forward and
+    #: backward run under no_sync) or "global" (along the all-reduced one).
+    sam_ascent: str = DEFAULT_ASCENT
 
 
-def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: StepConfig):
+def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: StepConfig,
+               distributed_model: Optional[nn.Module] = None):
     """One optimizer step on (x, y); returns the detached loss and logits of the first pass.
 
-    SAM takes two forward/backward passes (the second inside ``disable_running_stats`` so
-    BatchNorm statistics come from the first only); every other optimizer takes one.
-    Gradients are clipped on the gradient the step uses (SAM's second one).
+    SAM takes its two passes through :func:`msam_fused.distributed.sam_step` (the second with
+    BatchNorm statistics frozen; under DDP the ascent local or global, see ``cfg.sam_ascent``);
+    ``distributed_model`` is the DDP module when ``model`` is a compiled wrapper of it. Every
+    other optimizer takes one pass. Gradients are clipped on the gradient the step uses.
     """
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     if isinstance(opt, msam_fused.SAM):
-        with cfg.ascent_context(model):
-            loss, logits = _forward_backward(model, x, y, cfg)
-        opt.first_step(zero_grad=True)
-        with msam_fused.disable_running_stats(model):
-            _forward_backward(model, x, y, cfg)
-    else:
-        loss, logits = _forward_backward(model, x, y, cfg)
+        first_logits = []
+
+        def compute_loss():
+            with cfg.autocast():
+                logits = model(x)
+                loss = cfg.loss_fn(logits, y)
+            first_logits.append(logits.detach())
+            return loss
+
+        loss = sam_step(distributed_model or model, opt, compute_loss, ascent=cfg.sam_ascent,
+                        scaler=cfg.scaler, max_grad_norm=cfg.clip_grad or None)
+        return loss, first_logits[0]
+    loss, logits = _forward_backward(model, x, y, cfg)
     if cfg.clip_grad:
         if cfg.scaler is not None:
             cfg.scaler.unscale_(opt)
@@ -138,7 +127,7 @@ def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: Ste
         cfg.scaler.step(opt)
         cfg.scaler.update()
     else:
-        opt.step()  # SAM: finishes the step begun by first_step()
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), logits.detach()
 

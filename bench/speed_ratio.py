@@ -35,7 +35,7 @@ from bench.checkpoint import write_json
 from bench.data import SyntheticData
 from bench.micro import summarize
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
-from bench.optimizers import (OPTIMIZERS, SAM_ASCENTS, TORCH_IMPLS, Hyper, StepConfig, base_of,
+from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, Hyper, StepConfig, base_of,
                               build_optimizer, optimizer_backend, train_step, uses_msam_fused)
 
 SCHEMA = "msam-fused/speed-ratio/1"
@@ -81,12 +81,12 @@ class Contender:
         self.opt = build_optimizer(name, self.net.parameters(), hp, backend=backend,
                                    torch_impl=args.torch_impl)
         self.label = f"{name}[{optimizer_backend(self.opt)}]"
-        model = ddp.wrap(self.net, proc, sync_bn=False)
-        self.model = torch.compile(model) if args.compile else model
+        self.ddp_model = ddp.wrap(self.net, proc, sync_bn=False)
+        self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model
 
     def steps(self, x, y, cfg: StepConfig, count: int) -> None:
         for _ in range(count):
-            train_step(self.model, self.opt, x, y, cfg)
+            train_step(self.model, self.opt, x, y, cfg, self.ddp_model)
 
 
 def contenders_for(args, proc, shape) -> list:
@@ -110,7 +110,7 @@ def measure(args, proc: ddp.Process) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     cfg = StepConfig(autocast=partial(torch.autocast, proc.device.type, dtype=amp_dtype) if amp_dtype
                      else nullcontext, channels_last=args.channels_last,
-                     ascent_context=SAM_ASCENTS[args.sam_ascent],
+                     sam_ascent=args.sam_ascent,
                      scaler=torch.amp.GradScaler(proc.device.type) if args.amp == "fp16" else None)
     cuda = proc.device.type == "cuda"
     rows, contenders = {}, []
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "available here, or a comma-separated list")
     p.add_argument("--torch-impl", default="fused", choices=TORCH_IMPLS,
                    help="torch.optim implementation of the base optimizers")
-    p.add_argument("--sam-ascent", default="local", choices=sorted(SAM_ASCENTS),
+    p.add_argument("--sam-ascent", default="local", choices=ASCENTS,
                    help="SAM under DDP: per-rank ascent (local) or all-reduced (global)")
     p.add_argument("--batch-size", type=int, help="global batch (default 256; 16 with --quick)")
     p.add_argument("--image-size", type=int)

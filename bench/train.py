@@ -41,7 +41,7 @@ import msam_fused
 from bench import checkpoint, ddp
 from bench.data import DATASETS, DataError, load_data
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
-from bench.optimizers import (OPTIMIZERS, SAM_ASCENTS, TORCH_IMPLS, Hyper, StepConfig, base_of,
+from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, Hyper, StepConfig, base_of,
                               build_optimizer, optimizer_backend, train_step)
 
 CHECKPOINT_FORMAT = 1
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="msam_fused backend for SAM/MSAM")
     opt.add_argument("--torch-impl", default="default", choices=TORCH_IMPLS,
                      help="torch.optim implementation for SGD/NAG/AdamW and SAM's base")
-    opt.add_argument("--sam-ascent", default="local", choices=sorted(SAM_ASCENTS),
+    opt.add_argument("--sam-ascent", default="local", choices=ASCENTS,
                      help="SAM under DDP: ascend on each rank's own gradient (local, no extra "
                      "all-reduce) or on the all-reduced one (global)")
     opt.add_argument("--lr", type=float)
@@ -233,14 +233,14 @@ class Run:
             lr_factor, warmup_steps=round(args.warmup_epochs * self.steps_per_epoch),
             total_steps=args.epochs * self.steps_per_epoch, schedule=args.schedule))
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-        model = ddp.wrap(self.net, proc, args.sync_bn)
-        self.model = torch.compile(model) if args.compile else model
+        self.ddp_model = ddp.wrap(self.net, proc, args.sync_bn)
+        self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext
         self.step_cfg = StepConfig(
             loss_fn=partial(nn.functional.cross_entropy, label_smoothing=args.label_smoothing),
             autocast=self.autocast, scaler=self.scaler, clip_grad=args.clip_grad,
-            channels_last=args.channels_last, ascent_context=SAM_ASCENTS[args.sam_ascent])
+            channels_last=args.channels_last, sam_ascent=args.sam_ascent)
         self.epoch, self.step = 0, 0                 # the data position: next batch to train on
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         self.history: list[dict] = []
@@ -306,7 +306,7 @@ class Run:
             tick = time.perf_counter()
             for x, y in self.data.train_batches(self.epoch, self.step, self.batch, args.seed,
                                                 self.proc.shard):
-                loss, logits = train_step(self.model, self.opt, x, y, self.step_cfg)
+                loss, logits = train_step(self.model, self.opt, x, y, self.step_cfg, self.ddp_model)
                 self.sched.step()
                 self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
                                           torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
