@@ -1,9 +1,12 @@
 """The optimizers the benchmarks compare, built by name, and one training step for each kind.
 
 Names: ``sgd``, ``nag`` (SGD with Nesterov momentum), ``adamw``, ``sam`` / ``sam-nag`` /
-``sam-adamw`` (msam_fused.SAM around that base), ``msam``, ``adamw-msam``. The msam_fused
+``sam-adamw`` (msam_fused.SAM around that base), ``msam``, ``adamw-msam``, and the paper's
+baselines ``looksam``, ``esam``, ``mesa`` (from ``msam_fused.variants``). The msam_fused
 optimizers take ``backend``; torch's own (and SAM's base) take ``torch_impl``: ``default``
-(torch decides), ``for-loop``, ``foreach`` or ``fused``.
+(torch decides), ``for-loop``, ``foreach`` or ``fused``. ``variant`` options (adaptive or
+normalization-only perturbation, multi-step or sign ascent, the baselines' own settings) are
+the keywords of :func:`msam_fused.variants.build` and make it build the optimizer.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import torch
 from torch import nn
 
 import msam_fused
+from msam_fused import variants
 from msam_fused.distributed import ASCENTS, DEFAULT_ASCENT, sam_step
 
-OPTIMIZERS = ("sgd", "nag", "adamw", "sam", "sam-nag", "sam-adamw", "msam", "adamw-msam")
+VARIANT_BASELINES = ("looksam", "esam", "mesa")
+OPTIMIZERS = ("sgd", "nag", "adamw", "sam", "sam-nag", "sam-adamw", "msam", "adamw-msam") + VARIANT_BASELINES
+#: optimizers whose step is ``variants.train_step`` (no GradScaler, clipping or DDP there)
+VARIANT_STEP_TYPES = (variants.LookSAM, variants.ESAM, variants.MESA, variants.MultiStepSAM)
 TORCH_IMPLS = ("default", "for-loop", "foreach", "fused")
 _IMPL_KWARGS = {"default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
                 "fused": {"fused": True}}
@@ -43,16 +50,20 @@ def base_of(name: str) -> str:
 
 
 def uses_msam_fused(name: str) -> bool:
-    return name.startswith("sam") or name.endswith("msam")
+    return name.startswith("sam") or name.endswith("msam") or name in VARIANT_BASELINES
 
 
-def build_optimizer(name: str, params, hp: Hyper, *, backend: str = "auto",
-                    torch_impl: str = "default") -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, hp: Hyper, *, backend: str = "auto",
+                    torch_impl: str = "default", variant: Optional[dict] = None,
+                    seed: Optional[int] = None) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if torch_impl not in _IMPL_KWARGS:
         raise ValueError(f"unknown torch implementation {torch_impl!r}; choose one of "
                          f"{', '.join(TORCH_IMPLS)}")
+    if variant or name in VARIANT_BASELINES:
+        return _build_variant(name, model, hp, backend, dict(variant or {}), seed)
+    params = model.parameters()
     impl = _IMPL_KWARGS[torch_impl]
     if name == "msam":
         return msam_fused.MSAM(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
@@ -72,8 +83,23 @@ def build_optimizer(name: str, params, hp: Hyper, *, backend: str = "auto",
     return cls(params, **kwargs)
 
 
+def _build_variant(name, model, hp: Hyper, backend, options: dict, seed):
+    """Through ``msam_fused.variants.build``; ``sam-adamw`` is its ``sam`` on the AdamW base."""
+    if name in ("nag", "sam-nag"):
+        raise ValueError(f"{name}: the variant options (perturb, adaptive, ascent, base, ...) "
+                         "apply to sam, sam-adamw, msam, adamw-msam, looksam, esam and mesa")
+    if name == "sam-adamw":
+        name, options["base"] = "sam", "adamw"
+    if name in variants.PERTURBING:
+        options["rho"] = hp.msam_rho if name.endswith("msam") else hp.sam_rho
+    return variants.build(name, model, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                          betas=hp.betas, eps=hp.eps, seed=seed, backend=backend, **options)
+
+
 def optimizer_backend(opt) -> str:
     """What runs the step: the msam_fused backend, or torch's implementation."""
+    if isinstance(opt, variants.MESA):
+        return optimizer_backend(opt.base_optimizer)
     if isinstance(opt, (msam_fused.SAM, msam_fused.MSAM, msam_fused.AdamWMSAM)):
         return str(opt.backend)
     group = opt.param_groups[0]
@@ -105,6 +131,8 @@ def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: Ste
     """
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+    if isinstance(opt, VARIANT_STEP_TYPES):
+        return _variant_step(model, opt, x, y, cfg)
     if isinstance(opt, msam_fused.SAM):
         first_logits = []
 
@@ -130,6 +158,21 @@ def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: Ste
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach(), logits.detach()
+
+
+def _variant_step(model, opt, x, y, cfg: StepConfig):
+    """LookSAM, ESAM, MESA and multi-step SAM take their own passes (``variants.train_step``);
+    the logits of the first full-batch forward are caught in the loss function."""
+    full_batch_logits = []
+
+    def loss_fn(logits, targets, **kwargs):
+        if not full_batch_logits and len(logits) == len(y):
+            full_batch_logits.append(logits.detach())
+        return cfg.loss_fn(logits, targets, **kwargs)
+
+    with cfg.autocast():
+        loss = variants.train_step(model, opt, x, y, loss_fn=loss_fn)
+    return loss, full_batch_logits[0]
 
 
 def _forward_backward(model, x, y, cfg: StepConfig):

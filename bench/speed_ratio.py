@@ -78,8 +78,8 @@ class Contender:
         if args.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         hp = Hyper(lr=args.lr, weight_decay=5e-4 if base_of(name) == "sgd" else 0.05)
-        self.opt = build_optimizer(name, self.net.parameters(), hp, backend=backend,
-                                   torch_impl=args.torch_impl)
+        self.opt = build_optimizer(name, self.net, hp, backend=backend, torch_impl=args.torch_impl,
+                                   seed=args.seed)
         self.label = f"{name}[{optimizer_backend(self.opt)}]"
         self.ddp_model = ddp.wrap(self.net, proc, sync_bn=False)
         self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model

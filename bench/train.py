@@ -41,8 +41,8 @@ import msam_fused
 from bench import checkpoint, ddp
 from bench.data import DATASETS, DataError, load_data
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
-from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, Hyper, StepConfig, base_of,
-                              build_optimizer, optimizer_backend, train_step)
+from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, VARIANT_STEP_TYPES, Hyper, StepConfig,
+                              base_of, build_optimizer, optimizer_backend, train_step)
 
 CHECKPOINT_FORMAT = 1
 
@@ -70,7 +70,10 @@ DEFAULTS = dict(model=None, data="digits", optimizer="msam", lr=0.05, momentum=0
                 batch_size=64, epochs=12, schedule="cosine", warmup_epochs=0, rho_warmup_epochs=0,
                 label_smoothing=0.0, clip_grad=0.0)
 # Flags that shape the trajectory: a resumed run must have the values it was saved with.
-TRAJECTORY_FLAGS = ("model", "data", "optimizer", "backend", "torch_impl", "lr", "momentum",
+VARIANT_FLAGS = ("base", "perturb", "adaptive", "ascent_steps", "ascent_norm", "looksam_k",
+                 "looksam_alpha", "esam_beta", "esam_gamma", "mesa_decay", "mesa_temperature",
+                 "mesa_weight", "mesa_start_step")
+TRAJECTORY_FLAGS = VARIANT_FLAGS + ("model", "data", "optimizer", "backend", "torch_impl", "lr", "momentum",
                     "weight_decay", "beta1", "beta2", "eps", "sam_rho", "msam_rho", "batch_size",
                     "epochs", "schedule", "warmup_epochs", "rho_warmup_epochs", "label_smoothing",
                     "clip_grad", "amp", "seed", "image_size", "num_classes", "synthetic_steps",
@@ -114,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--eps", type=float)
     opt.add_argument("--sam-rho", type=float)
     opt.add_argument("--msam-rho", type=float)
+    var = p.add_argument_group("variants (msam_fused.variants; docs/variants.md)")
+    var.add_argument("--base", choices=("sgd", "adamw"), help="base of looksam, esam, mesa")
+    var.add_argument("--perturb", choices=("all", "norm"),
+                     help="norm: perturb only normalization layers (SAM-ON)")
+    var.add_argument("--adaptive", choices=("off", "all", "weights"), help="ASAM-style |w| scaling")
+    var.add_argument("--ascent-steps", type=int, help="SAM: k ascent steps of rho/k")
+    var.add_argument("--ascent-norm", choices=("l2", "linf"), help="SAM: linf = sign (FGSM) ascent")
+    for flag, kind in (("looksam-k", int), ("looksam-alpha", float), ("esam-beta", float),
+                       ("esam-gamma", float), ("mesa-decay", float), ("mesa-temperature", float),
+                       ("mesa-weight", float), ("mesa-start-step", int)):
+        var.add_argument(f"--{flag}", type=kind)
     opt.add_argument("--schedule", choices=("cosine", "constant"))
     opt.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
     opt.add_argument("--rho-warmup-epochs", type=float, help="rho = 0 for this many epochs")
@@ -181,6 +195,7 @@ def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume and len(args.optimizers) > 1 and args.resume != "auto":
         raise UsageError("--resume CHECKPOINT takes one optimizer; with --compare use --resume "
                          "and --out-dir (each optimizer resumes from its own folder)")
+    args.variant = {k: getattr(args, k) for k in VARIANT_FLAGS if getattr(args, k) is not None}
     if args.resume == "auto" and not args.out_dir:
         raise UsageError("--resume without a file needs --out-dir (where the checkpoint is)")
     return args
@@ -227,8 +242,15 @@ class Run:
         self.net = build_model(args.model, data.shape).to(device)
         if args.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.opt = build_optimizer(name, self.net.parameters(), hyper(args), backend=args.backend,
-                                   torch_impl=args.torch_impl)
+        try:
+            self.opt = build_optimizer(name, self.net, hyper(args), backend=args.backend,
+                                       torch_impl=args.torch_impl, variant=args.variant, seed=args.seed)
+        except ValueError as err:
+            raise UsageError(f"--optimizer {name}: {err}") from None
+        if isinstance(self.opt, VARIANT_STEP_TYPES) and (args.amp == "fp16" or args.clip_grad or proc.world > 1):
+            raise UsageError(f"{name}: {type(self.opt).__name__} trains through msam_fused.variants."
+                             "train_step, without GradScaler, gradient clipping or DDP; drop "
+                             "--amp fp16 / --clip-grad / torchrun for it")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, partial(
             lr_factor, warmup_steps=round(args.warmup_epochs * self.steps_per_epoch),
             total_steps=args.epochs * self.steps_per_epoch, schedule=args.schedule))

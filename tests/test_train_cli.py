@@ -46,7 +46,23 @@ def test_tiny_wide_resnet_on_synthetic_data_with_amp_and_channels_last():
     assert all(0 <= r["test_acc"] <= 1 for r in results.values())
 
 
+def test_variants_train_through_their_own_steps():
+    """The paper's baselines and the SAM/MSAM variants of msam_fused.variants, one epoch each."""
+    tiny = ["--data", "digits", "--epochs", "1", "--batch-size", "256", *QUIET]
+    results = train.main(tiny + ["--compare", "looksam,esam,mesa", "--looksam-k", "2"])
+    results.update(train.main(tiny + ["--compare", "sam,sam-adamw", "--ascent-steps", "2",
+                                      "--ascent-norm", "linf"]))
+    results.update(train.main(tiny + ["--optimizer", "msam", "--perturb", "norm", "--adaptive",
+                                      "weights"]))
+    assert set(results) == {"looksam", "esam", "mesa", "sam", "sam-adamw", "msam"}
+    for r in results.values():
+        assert 0 < r["test_acc"] <= 1 and r["history"][0]["train_acc"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "sgd", "--perturb", "norm"], "sgd does not perturb the weights"),
+    (["--optimizer", "esam", "--clip-grad", "1"], "without GradScaler, gradient clipping or DDP"),
+    (["--optimizer", "sam-nag", "--adaptive", "all"], "the variant options"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
     (["--compare", "sgd,lion"], "unknown optimizer 'lion'"),
     (["--compare", "sgd,sgd"], "lists an optimizer twice"),
