@@ -120,8 +120,15 @@ def synthetic_shapes(total: int, count: int) -> list[torch.Size]:
     return [torch.Size([s]) for s in sizes]
 
 
-def param_sets(names: list, totals: list, counts: list) -> dict:
-    sets = {name: parameter_shapes(name) for name in names}
+def param_sets(names: list, totals: list, counts: list, skipped: dict) -> dict:
+    """Shapes per set; a model that cannot be built here (torchvision missing) goes to ``skipped``."""
+    sets = {}
+    for name in names:
+        try:
+            sets[name] = parameter_shapes(name)
+        except RuntimeError as err:
+            skipped[name] = str(err)
+            print(f"{name}: skipped: {err}", flush=True)
     for total in totals:
         for count in counts:
             sets[f"synthetic-{_short(total)}x{count}"] = synthetic_shapes(total, count)
@@ -357,8 +364,8 @@ def main(argv=None) -> dict:
     result = provenance.header(device, config, SCHEMA)
     result.update({"copy_bandwidth_gbps": copy_bps / 1e9, "unavailable_backends": unavailable,
                    "traffic_passes": {k: dict(zip(("params", "grads", "state"), v)) for k, v in TRAFFIC.items()},
-                   "results": []})
-    for set_name, shapes in param_sets(names, totals, counts).items():
+                   "skipped_param_sets": {}, "results": []})
+    for set_name, shapes in param_sets(names, totals, counts, result["skipped_param_sets"]).items():
         result["results"] += bench_set(set_name, shapes, all_cases, args, device, dtype, copy_bps)
     out = Path(args.out or f"bench/results/micro-{provenance.machine_tag(device)}"
                f"{'-quick' if args.quick else ''}.json")

@@ -62,6 +62,17 @@ def test_micro_times_every_available_backend_and_writes_json_and_png(tmp_path, f
     assert "| msam[reference] |" in table and "synthetic-4Kx3" in table
 
 
+def test_micro_skips_a_model_set_it_cannot_build(tmp_path, monkeypatch):
+    def no_torchvision(name):
+        raise RuntimeError("this model needs torchvision, which is not installed")
+
+    monkeypatch.setattr(micro, "parameter_shapes", no_torchvision)
+    argv = TINY_MICRO[2:] + ["--param-sets", "resnet50", "--only", "sgd[torch-fused]", "--no-profile"]
+    result = micro.main(argv + ["--out", str(tmp_path / "m.json")])
+    assert "needs torchvision" in result["skipped_param_sets"]["resnet50"]
+    assert {r["param_set"] for r in result["results"]} == {"synthetic-4Kx1", "synthetic-4Kx3"}
+
+
 def test_minimal_bytes_follow_the_documented_passes():
     n = 1000
     assert micro.minimal_bytes("sgd", n, torch.float32, False) == 5 * 4 * n
