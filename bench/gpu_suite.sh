@@ -22,6 +22,8 @@
 #   SUITE_PYTHON      interpreter [python3]
 #   SUITE_<STEP>_ARGS replaces a benchmark step's arguments (MICRO, SPEED, VIT, TORCHRUN)
 #   SUITE_<STEP>_TIMEOUT seconds for a step (BUILD, TESTS, MICRO, SPEED, VIT, TORCHRUN)
+#   SUITE_BUDGET      seconds for the whole suite [540]: a step gets at most what is left, and
+#                     is skipped when less than 20 s are (the device tool stops a command at 600 s)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -30,6 +32,7 @@ mkdir -p "$OUT"
 PY=${SUITE_PYTHON:-python3}
 DEVICE=${SUITE_DEVICE:-cuda}
 STEPS=${SUITE_STEPS:-build,tests,micro,speed,vit,torchrun}
+DEADLINE=$(( $(date +%s) + ${SUITE_BUDGET:-540} ))
 LOG="$OUT/suite.log"
 SUMMARY="$OUT/suite.json"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build and bench/ come first
@@ -46,8 +49,16 @@ write_summary() {
 
 # run_step NAME TIMEOUT COMMAND...: run with a time limit, log the output, record the result.
 run_step() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc left
   shift 2
+  left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 20 )); then
+    echo "=== $name: skipped, the suite's time budget is spent" | tee -a "$LOG"
+    records+=("{\"name\": \"$name\", \"rc\": null, \"seconds\": 0, \"skipped\": \"time budget spent\"}")
+    write_summary
+    return 0
+  fi
+  (( limit > left )) && limit=$left
   echo "=== $name: $* (limit ${limit}s)" | tee -a "$LOG"
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
@@ -94,20 +105,22 @@ fi
 if wants micro; then
   # shellcheck disable=SC2086  # the argument strings are meant to split into words
   run_step micro "${SUITE_MICRO_TIMEOUT:-240}" "$PY" bench/micro.py --device "$DEVICE" \
-    ${SUITE_MICRO_ARGS:---sweep-totals 1M,16M,64M --sweep-tensors 1,64,1024 --repeats 50} \
+    ${SUITE_MICRO_ARGS:---sweep-totals 1M,16M,64M --sweep-tensors 1,64,1024 --repeats 30} \
     --out "$OUT/micro.json"
 fi
 
 if wants speed; then
   # shellcheck disable=SC2086
   run_step speed "${SUITE_SPEED_TIMEOUT:-200}" "$PY" bench/speed_ratio.py --device "$DEVICE" \
-    ${SUITE_SPEED_ARGS:---model wrn-28-10 --batch-size 256} --out "$OUT/speed-ratio-wrn.json"
+    ${SUITE_SPEED_ARGS:---model wrn-28-10 --batch-size 256 --rounds 5 --steps 3} \
+    --out "$OUT/speed-ratio-wrn.json"
 fi
 
 if wants vit; then
   # shellcheck disable=SC2086
   run_step vit "${SUITE_VIT_TIMEOUT:-120}" "$PY" bench/speed_ratio.py --device "$DEVICE" \
-    ${SUITE_VIT_ARGS:---model vit-s32 --amp bf16 --batch-size 256} --out "$OUT/speed-ratio-vit.json"
+    ${SUITE_VIT_ARGS:---model vit-s32 --amp bf16 --batch-size 256 --rounds 5 --steps 3} \
+    --out "$OUT/speed-ratio-vit.json"
 fi
 
 if wants torchrun; then
