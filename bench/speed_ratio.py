@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: import bench/ as a package of 
 
 import torch
 
+import msam_fused
 from bench import ddp, provenance
 from bench.checkpoint import write_json
 from bench.data import SyntheticData
@@ -89,16 +90,14 @@ class Contender:
             train_step(self.model, self.opt, x, y, cfg, self.ddp_model)
 
 
-def contenders_for(args, proc, shape) -> list:
-    """Build every (optimizer, backend) pair; the msam_fused ones once per available backend."""
+def contenders_for(name: str, args, proc, shape) -> list:
+    """One optimizer on every backend asked for (msam_fused ones: every available backend)."""
+    if not uses_msam_fused(name):
+        return [Contender(name, "auto", args, proc, shape)]
     found = provenance.available_backends(proc.device)
     backends = [b for b, reason in found.items() if reason is None] if args.backends == "all" \
         else args.backends.split(",")
-    out = []
-    for name in args.optimizers:
-        for backend in (backends if uses_msam_fused(name) else ["auto"]):
-            out.append(Contender(name, backend, args, proc, shape))
-    return out
+    return [Contender(name, backend, args, proc, shape) for backend in backends]
 
 
 def measure(args, proc: ddp.Process) -> dict:
@@ -120,7 +119,7 @@ def measure(args, proc: ddp.Process) -> dict:
             torch.cuda.synchronize(proc.device)
             baseline = torch.cuda.memory_allocated(proc.device)
             torch.cuda.reset_peak_memory_stats(proc.device)
-        contenders += contenders_for(argparse.Namespace(**{**vars(args), "optimizers": [name]}), proc, shape)
+        contenders += contenders_for(name, args, proc, shape)
         for c in contenders[before:]:
             c.steps(x, y, cfg, args.warmup)
             peak = None
@@ -249,7 +248,11 @@ def main(argv=None) -> dict:
     proc = ddp.start(args.device)
     if args.batch_size % proc.world:
         p.error(f"--batch-size {args.batch_size} does not split over {proc.world} processes")
-    rows = measure(args, proc)
+    try:
+        rows = measure(args, proc)
+    except msam_fused.BackendUnavailableError as err:
+        ddp.stop(proc)
+        p.error(f"--backends: {err}")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
     result = {**provenance.header(proc.device, {**config, "world_size": proc.world}, SCHEMA),
               "results": rows}

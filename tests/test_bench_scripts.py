@@ -112,6 +112,7 @@ def test_speed_ratio_adamw_family_is_compared_with_adamw(tmp_path):
     (["--model", "wrn-12-2"], "depth must be 6n+4"),
     (["--optimizers", "sgd,adam"], "unknown optimizer 'adam'"),
     (["--rounds", "-1"], "--rounds must be positive"),
+    (TINY_SPEED + ["--backends", "cuda", "--device", "cpu"], "--backends: backend 'cuda'"),
 ])
 def test_speed_ratio_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
