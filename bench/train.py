@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import msam_fused
+from msam_fused import rho_schedulers
 from bench import checkpoint, ddp
 from bench.data import DATASETS, DataError, load_data
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
@@ -62,12 +63,14 @@ PRESETS = {
                               msam_rho=1.0, sam_rho=0.05),  # lr (linear scaling), warm-up, rhos: ours
     "imagenet-vit-s32": dict(model="vit-s32", data="imagenet", optimizer="adamw-msam", lr=1e-3,
                              weight_decay=0.1, batch_size=1024, epochs=90, warmup_epochs=8,
-                             rho_warmup_epochs=8, clip_grad=1.0, label_smoothing=0.1,
+                             rho_schedule="warmup_zero", rho_schedule_epochs=8, clip_grad=1.0,
+                             label_smoothing=0.1,
                              msam_rho=1.0, sam_rho=0.05),  # epochs, rhos: ours
 }
 DEFAULTS = dict(model=None, data="digits", optimizer="msam", lr=0.05, momentum=0.9,
                 weight_decay=5e-4, beta1=0.9, beta2=0.999, eps=1e-8, sam_rho=0.05, msam_rho=0.3,
-                batch_size=64, epochs=12, schedule="cosine", warmup_epochs=0, rho_warmup_epochs=0,
+                batch_size=64, epochs=12, schedule="cosine", warmup_epochs=0, rho_schedule="constant",
+                rho_schedule_epochs=0,
                 label_smoothing=0.0, clip_grad=0.0)
 # Flags that shape the trajectory: a resumed run must have the values it was saved with.
 VARIANT_FLAGS = ("base", "perturb", "adaptive", "ascent_steps", "ascent_norm", "looksam_k",
@@ -75,7 +78,8 @@ VARIANT_FLAGS = ("base", "perturb", "adaptive", "ascent_steps", "ascent_norm", "
                  "mesa_weight", "mesa_start_step")
 TRAJECTORY_FLAGS = VARIANT_FLAGS + ("model", "data", "optimizer", "backend", "torch_impl", "lr", "momentum",
                     "weight_decay", "beta1", "beta2", "eps", "sam_rho", "msam_rho", "batch_size",
-                    "epochs", "schedule", "warmup_epochs", "rho_warmup_epochs", "label_smoothing",
+                    "epochs", "schedule", "warmup_epochs", "rho_schedule", "rho_schedule_epochs",
+                    "label_smoothing",
                     "clip_grad", "amp", "seed", "image_size", "num_classes", "synthetic_steps",
                     "channels_last", "sync_bn", "sam_ascent")
 
@@ -130,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         var.add_argument(f"--{flag}", type=kind)
     opt.add_argument("--schedule", choices=("cosine", "constant"))
     opt.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
-    opt.add_argument("--rho-warmup-epochs", type=float, help="rho = 0 for this many epochs")
+    opt.add_argument("--rho-schedule", choices=sorted(rho_schedulers.SCHEDULES),
+                     help="msam_fused.rho_schedulers, stepped every step: warmup_zero (rho = 0 for "
+                     "--rho-schedule-epochs, the paper's ViT recipe), step (the same jump), linear "
+                     "(ramp up over them), cosine (anneal over them), constant")
+    opt.add_argument("--rho-schedule-epochs", type=float, help="the schedule's length in epochs")
     opt.add_argument("--label-smoothing", type=float)
     opt.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
     run = p.add_argument_group("run")
@@ -179,13 +187,15 @@ def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
     if len(set(args.optimizers)) != len(args.optimizers):
         raise UsageError(f"--compare lists an optimizer twice: {args.compare}")
     positive = ("lr", "epochs", "batch_size", "synthetic_steps", "eps")
-    non_negative = ("weight_decay", "sam_rho", "msam_rho", "warmup_epochs", "rho_warmup_epochs",
+    non_negative = ("weight_decay", "sam_rho", "msam_rho", "warmup_epochs", "rho_schedule_epochs",
                     "clip_grad", "momentum", "checkpoint_every")
     for key in positive + non_negative:
         value = getattr(args, key)
         if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} must be {'positive' if key in positive else '>= 0'}, got {value}")
+    if args.rho_schedule != "constant" and not args.rho_schedule_epochs:
+        raise UsageError(f"--rho-schedule {args.rho_schedule} needs --rho-schedule-epochs > 0")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     for key in ("image_size", "num_classes"):
@@ -224,6 +234,22 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_rho_schedule(opt, args, steps_per_epoch: int):
+    """The ``--rho-schedule`` (a msam_fused.rho_schedulers object stepped every step), or None
+    for a constant rho or an optimizer without one."""
+    if args.rho_schedule == "constant" or not all("rho" in g for g in opt.param_groups):
+        return None
+    steps = max(1, round(args.rho_schedule_epochs * steps_per_epoch))
+    cls = rho_schedulers.SCHEDULES[args.rho_schedule]
+    if args.rho_schedule == "cosine":
+        return cls(opt, total_steps=steps)
+    if args.rho_schedule == "linear":
+        return cls(opt, ramp_steps=steps)
+    if args.rho_schedule == "step":
+        return cls(opt, milestone=steps)
+    return cls(opt, warmup_steps=steps)
+
+
 # ------------------------------------------------------------------------------ one run
 class Run:
     """One optimizer's training: model, optimizer, schedule, data position, log."""
@@ -255,6 +281,7 @@ class Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, partial(
             lr_factor, warmup_steps=round(args.warmup_epochs * self.steps_per_epoch),
             total_steps=args.epochs * self.steps_per_epoch, schedule=args.schedule))
+        self.rho_sched = make_rho_schedule(self.opt, args, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.ddp_model = ddp.wrap(self.net, proc, args.sync_bn)
         self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model
@@ -288,6 +315,7 @@ class Run:
             "format": CHECKPOINT_FORMAT, "flags": self.trajectory_flags(),
             "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
+            "rho_scheduler": self.rho_sched.state_dict() if self.rho_sched else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng, "position": {"epoch": self.epoch, "step": self.step},
             "epoch_sums": self.sums, "history": self.history,
@@ -307,6 +335,8 @@ class Run:
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        if self.rho_sched:
+            self.rho_sched.load_state_dict(state["rho_scheduler"])
         if self.scaler:
             self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"][self.proc.rank])
@@ -321,7 +351,6 @@ class Run:
 
         args = self.args
         while self.epoch < args.epochs:
-            self._set_rho(self.epoch)
             started, busy, first_step = time.perf_counter(), 0.0, self.step
             bar = tqdm(total=self.steps_per_epoch, initial=self.step, leave=False,
                        desc=f"{self.name} epoch {self.epoch + 1}/{args.epochs}",
@@ -331,6 +360,8 @@ class Run:
                                                 self.proc.shard):
                 loss, logits = train_step(self.model, self.opt, x, y, self.step_cfg, self.ddp_model)
                 self.sched.step()
+                if self.rho_sched:
+                    self.rho_sched.step()
                 self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
                                           torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
                 self.step += 1
@@ -353,13 +384,6 @@ class Run:
         if self.proc.device.type == "cuda":
             torch.cuda.synchronize(self.proc.device)
         return time.perf_counter() - since
-
-    def _set_rho(self, epoch: int) -> None:
-        """rho = 0 during the rho warm-up (the paper's ViT recipe), the configured rho after."""
-        rho = self.args.msam_rho if self.name.endswith("msam") else self.args.sam_rho
-        for group in self.opt.param_groups:
-            if "rho" in group:
-                group["rho"] = 0.0 if epoch < self.args.rho_warmup_epochs else rho
 
     def _end_epoch(self, images_per_s, epoch_s: float) -> None:
         train = ddp.all_sum(self.sums, self.proc).tolist()

@@ -46,6 +46,14 @@ def test_tiny_wide_resnet_on_synthetic_data_with_amp_and_channels_last():
     assert all(0 <= r["test_acc"] <= 1 for r in results.values())
 
 
+def test_rho_schedule_sets_rho_step_by_step():
+    """warmup_zero over the first epoch: rho is 0 through it and MSAM's rho from then on."""
+    results = train.main(["--data", "digits", "--optimizer", "msam", "--epochs", "2", "--batch-size",
+                          "256", "--rho-schedule", "warmup_zero", "--rho-schedule-epochs", "1.4",
+                          "--msam-rho", "0.5", *QUIET])
+    assert [h["rho"] for h in results["msam"]["history"]] == [0.0, 0.5]
+
+
 def test_variants_train_through_their_own_steps():
     """The paper's baselines and the SAM/MSAM variants of msam_fused.variants, one epoch each."""
     tiny = ["--data", "digits", "--epochs", "1", "--batch-size", "256", *QUIET]
@@ -71,6 +79,7 @@ def test_variants_train_through_their_own_steps():
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in"),
+    (["--rho-schedule", "cosine"], "needs --rho-schedule-epochs > 0"),
     (["--data", "cifar100"], "--data cifar100 needs --data-dir"),
     (["--data", "cifar10", "--data-dir", "/no/such/dir"], "does not exist"),
     (["--data", "imagenet", "--data-dir", "."], "train is not a directory"),
@@ -139,7 +148,8 @@ def assert_same_run(dir_a: Path, dir_b: Path) -> None:
     ["--optimizer", "sam", "--amp", "bf16", "--label-smoothing", "0.1"],
     # fp16 convolutions are very slow on CPU: tiny synthetic images keep this one quick.
     ["--optimizer", "adamw-msam", "--lr", "3e-3", "--amp", "fp16", "--clip-grad", "1.0",
-     "--warmup-epochs", "0.5", "--rho-warmup-epochs", "1", "--data", "synthetic", "--image-size",
+     "--warmup-epochs", "0.5", "--rho-schedule", "warmup_zero", "--rho-schedule-epochs", "1",
+     "--data", "synthetic", "--image-size",
      "4", "--synthetic-steps", "6", "--batch-size", "8", "--model", "digits-cnn"],
 ], ids=["msam", "sam-bf16", "adamw-msam-fp16-clip-warmup"])
 def test_resume_mid_epoch_continues_exactly(tmp_path, monkeypatch, recipe):
