@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -53,6 +54,7 @@ def plot_bars(panels: list, labels: list, path, title: str = "", log: bool = Fal
         ax.set_xlabel(xlabel, fontsize=9)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only
         if reference is not None:
             ax.axvline(reference, color="black", linewidth=0.8, linestyle="--")
         for j, v in enumerate(values):
