@@ -147,3 +147,17 @@ def test_gpu_suite_steps_run_on_cpu(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"suite.log", "suite.json", "micro.json", "micro.png",
                                                     "speed-ratio-wrn.json", "speed-ratio-wrn.png"}
     assert "sgd[fused]" in (tmp_path / "suite.log").read_text()
+
+
+@pytest.mark.gpu
+def test_micro_and_speed_ratio_on_cuda(tmp_path):
+    """The CUDA paths: device timers, kernel counts from the profiler, peak memory."""
+    result = micro.main(TINY_MICRO[:-2] + ["--device", "cuda", "--out", str(tmp_path / "m.json")])
+    rows = [r for r in result["results"] if "time_s" in r]
+    assert {r["timer"] for r in rows} <= {"triton.testing.do_bench", "cuda events"}
+    fused = [r for r in rows if r["impl"] == "torch-fused" and r["algorithm"] == "sgd"]
+    assert fused and all(r["launches_per_step"] >= 1 for r in fused)
+    assert "cuda" in {r["impl"] for r in rows if r["algorithm"] == "msam"} | set(result["unavailable_backends"])
+    result = speed_ratio.main(TINY_SPEED[:-2] + ["--device", "cuda", "--out", str(tmp_path / "s.json")])
+    for row in result["results"].values():
+        assert row["memory_kind"] == "peak_memory_bytes" and row["peak_memory_bytes"] > 0
