@@ -1,120 +1,506 @@
-"""Train a model with SGD, SAM or MSAM and report test accuracy and images/s.
+"""Train a model with SGD, NAG, AdamW, SAM, MSAM or AdamW-MSAM; report test accuracy and images/s.
 
-The embedded default needs no download: scikit-learn's bundled digits (1797 8x8 images)::
+The embedded default needs no download (scikit-learn's bundled 8x8 digits)::
 
     python bench/train.py --data digits --compare sgd,sam,msam
+
+The paper's recipes by name, any flag overriding the preset::
+
+    python bench/train.py --preset cifar100-wrn28-10 --data-dir ~/data --optimizer msam --out-dir runs/wrn
+    python bench/train.py --preset imagenet-vit-s32 --data-dir /data/imagenet --amp bf16 --out-dir runs/vit
+
+Data-parallel (DDP), one process per GPU, on one node or several::
+
+    torchrun --nproc-per-node 8 bench/train.py --preset cifar100-wrn28-10 --data-dir D --sync-bn
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 bench/train.py --preset imagenet-resnet50 --data-dir D
+
+With ``--out-dir`` every run writes ``log.json`` (one record per epoch), ``curves.png`` and
+an atomic ``checkpoint.pt``; ``--resume`` continues a killed run exactly where the last
+checkpoint left it. MSAM is evaluated on its unperturbed weights. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import msam_fused
+from msam_fused import rho_schedulers
+from bench import checkpoint, ddp
+from bench.data import DATASETS, DataError, load_data
+from bench.models import ImageShape, build_model, check_model_name, natural_shape
+from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, VARIANT_STEP_TYPES, Hyper, StepConfig,
+                              base_of, build_optimizer, optimizer_backend, train_step)
+
+CHECKPOINT_FORMAT = 1
+
+# The paper's recipes (SPEC §6). Values marked "ours" are not given by the paper; tune them.
+PRESETS = {
+    "cifar100-wrn28-10": dict(model="wrn-28-10", data="cifar100", lr=0.5, weight_decay=5e-4,
+                              batch_size=256, epochs=200, label_smoothing=0.1, msam_rho=3.0,
+                              sam_rho=0.1),  # sam_rho: ours
+    "cifar100-wrn16-4": dict(model="wrn-16-4", data="cifar100", lr=0.5, weight_decay=5e-4,
+                             batch_size=256, epochs=200, label_smoothing=0.1, msam_rho=3.0,
+                             sam_rho=0.1),  # sam_rho: ours
+    "cifar100-resnet50": dict(model="resnet50-cifar", data="cifar100", lr=0.1, weight_decay=1e-3,
+                              batch_size=256, epochs=200, label_smoothing=0.1,
+                              msam_rho=1.0, sam_rho=0.1),  # rhos, batch, epochs: ours
+    "imagenet-resnet50": dict(model="resnet50", data="imagenet", lr=0.4, weight_decay=1e-4,
+                              batch_size=1024, epochs=100, label_smoothing=0.1, warmup_epochs=5,
+                              msam_rho=1.0, sam_rho=0.05),  # lr (linear scaling), warm-up, rhos: ours
+    "imagenet-vit-s32": dict(model="vit-s32", data="imagenet", optimizer="adamw-msam", lr=1e-3,
+                             weight_decay=0.1, batch_size=1024, epochs=90, warmup_epochs=8,
+                             rho_schedule="warmup_zero", rho_schedule_epochs=8, clip_grad=1.0,
+                             label_smoothing=0.1,
+                             msam_rho=1.0, sam_rho=0.05),  # epochs, rhos: ours
+}
+DEFAULTS = dict(model=None, data="digits", optimizer="msam", lr=0.05, momentum=0.9,
+                weight_decay=5e-4, beta1=0.9, beta2=0.999, eps=1e-8, sam_rho=0.05, msam_rho=0.3,
+                batch_size=64, epochs=12, schedule="cosine", warmup_epochs=0, rho_schedule="constant",
+                rho_schedule_epochs=0,
+                label_smoothing=0.0, clip_grad=0.0)
+# Flags that shape the trajectory: a resumed run must have the values it was saved with.
+VARIANT_FLAGS = ("base", "perturb", "adaptive", "ascent_steps", "ascent_norm", "looksam_k",
+                 "looksam_alpha", "esam_beta", "esam_gamma", "mesa_decay", "mesa_temperature",
+                 "mesa_weight", "mesa_start_step")
+TRAJECTORY_FLAGS = VARIANT_FLAGS + ("model", "data", "optimizer", "backend", "torch_impl", "lr", "momentum",
+                    "weight_decay", "beta1", "beta2", "eps", "sam_rho", "msam_rho", "batch_size",
+                    "epochs", "schedule", "warmup_epochs", "rho_schedule", "rho_schedule_epochs",
+                    "label_smoothing",
+                    "clip_grad", "amp", "seed", "image_size", "num_classes", "synthetic_steps",
+                    "channels_last", "sync_bn", "sam_ascent")
 
 
-def digits_data(device, seed=0):
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(labels, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    split = int(0.8 * len(x))
-    return (x[:split].to(device), y[:split].to(device)), (x[split:].to(device), y[split:].to(device))
+class UsageError(ValueError):
+    """A flag, data set or checkpoint that cannot work; the message says why."""
 
 
-def digits_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10))
+# ----------------------------------------------------------------------------------- flags
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to train")
+    what.add_argument("--preset", choices=sorted(PRESETS), help="a paper recipe; flags override it")
+    what.add_argument("--model", help="digits-cnn (digits default), wrn-28-10, wrn-16-4, wrn-D-K, "
+                      "resnet18-cifar, resnet50-cifar (CIFAR default), resnet50, vit-s32")
+    what.add_argument("--data", choices=DATASETS)
+    what.add_argument("--data-dir", help="where cifar10/cifar100 (torchvision's format) or the "
+                      "ImageNet ImageFolder tree (train/, val/) lives; nothing is downloaded")
+    what.add_argument("--image-size", type=int, help="synthetic data and ImageNet crops")
+    what.add_argument("--num-classes", type=int, help="synthetic data")
+    what.add_argument("--synthetic-steps", type=int, default=50, help="steps per synthetic epoch")
+    opt = p.add_argument_group("optimizer")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS)
+    opt.add_argument("--compare", help="comma-separated optimizers to train one after another "
+                     "from the same initialisation, e.g. sgd,sam,msam")
+    opt.add_argument("--backend", default="auto", choices=msam_fused.backends.BACKEND_NAMES,
+                     help="msam_fused backend for SAM/MSAM")
+    opt.add_argument("--torch-impl", default="default", choices=TORCH_IMPLS,
+                     help="torch.optim implementation for SGD/NAG/AdamW and SAM's base")
+    opt.add_argument("--sam-ascent", default="local", choices=ASCENTS,
+                     help="SAM under DDP: ascend on each rank's own gradient (local, no extra "
+                     "all-reduce) or on the all-reduced one (global)")
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--momentum", type=float)
+    opt.add_argument("--weight-decay", "--wd", type=float, dest="weight_decay")
+    opt.add_argument("--beta1", type=float)
+    opt.add_argument("--beta2", type=float)
+    opt.add_argument("--eps", type=float)
+    opt.add_argument("--sam-rho", type=float)
+    opt.add_argument("--msam-rho", type=float)
+    var = p.add_argument_group("variants (msam_fused.variants; docs/variants.md)")
+    var.add_argument("--base", choices=("sgd", "adamw"), help="base of looksam, esam, mesa")
+    var.add_argument("--perturb", choices=("all", "norm"),
+                     help="norm: perturb only normalization layers (SAM-ON)")
+    var.add_argument("--adaptive", choices=("off", "all", "weights"), help="ASAM-style |w| scaling")
+    var.add_argument("--ascent-steps", type=int, help="SAM: k ascent steps of rho/k")
+    var.add_argument("--ascent-norm", choices=("l2", "linf"), help="SAM: linf = sign (FGSM) ascent")
+    for flag, kind in (("looksam-k", int), ("looksam-alpha", float), ("esam-beta", float),
+                       ("esam-gamma", float), ("mesa-decay", float), ("mesa-temperature", float),
+                       ("mesa-weight", float), ("mesa-start-step", int)):
+        var.add_argument(f"--{flag}", type=kind)
+    opt.add_argument("--schedule", choices=("cosine", "constant"))
+    opt.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
+    opt.add_argument("--rho-schedule", choices=sorted(rho_schedulers.SCHEDULES),
+                     help="msam_fused.rho_schedulers, stepped every step: warmup_zero (rho = 0 for "
+                     "--rho-schedule-epochs, the paper's ViT recipe), step (the same jump), linear "
+                     "(ramp up over them), cosine (anneal over them), constant")
+    opt.add_argument("--rho-schedule-epochs", type=float, help="the schedule's length in epochs")
+    opt.add_argument("--label-smoothing", type=float)
+    opt.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
+    run = p.add_argument_group("run")
+    run.add_argument("--epochs", type=int)
+    run.add_argument("--batch-size", type=int, help="global batch (split over DDP processes)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                     help="bf16 autocast, or fp16 autocast with a GradScaler")
+    run.add_argument("--channels-last", action="store_true")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA)")
+    run.add_argument("--workers", type=int, default=4, help="ImageFolder loader processes")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels (bit-identical reruns and resumes)")
+    run.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default 1 "
+                     "for digits, whose 8x8 images gain nothing from a second thread, else torch's)")
+    out = p.add_argument_group("output and checkpoints")
+    out.add_argument("--out-dir", help="log.json, curves.png, checkpoint.pt (a folder per "
+                     "optimizer with --compare)")
+    out.add_argument("--checkpoint-every", type=int, default=0,
+                     help="also checkpoint every N steps (always at the end of an epoch)")
+    out.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                     help="continue from CHECKPOINT, or from --out-dir's checkpoint if there is one")
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="tqdm progress bars (default: when stderr is a terminal)")
+    return p
 
 
-def make_optimizer(name, params, args):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    if name == "sam":
-        return msam_fused.SAM(params, torch.optim.SGD, rho=args.sam_rho, lr=args.lr, momentum=0.9,
-                              weight_decay=args.wd, backend=args.backend)
-    if name == "msam":
-        return msam_fused.MSAM(params, lr=args.lr, momentum=0.9, weight_decay=args.wd,
-                               rho=args.msam_rho, backend=args.backend)
-    raise SystemExit(f"unknown optimizer {name!r}; choose sgd, sam or msam")
+def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset flags from the preset, then from the defaults; check that they fit."""
+    preset = PRESETS.get(args.preset, {})
+    for key, default in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.model is None:
+        args.model = {"digits": "digits-cnn", "imagenet": "resnet50"}.get(args.data, "resnet18-cifar")
+    try:
+        check_model_name(args.model)
+    except ValueError as err:
+        raise UsageError(f"--model: {err}") from None
+    args.optimizers = args.compare.split(",") if args.compare else [args.optimizer]
+    for name in args.optimizers:
+        if name not in OPTIMIZERS:
+            raise UsageError(f"--compare: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if len(set(args.optimizers)) != len(args.optimizers):
+        raise UsageError(f"--compare lists an optimizer twice: {args.compare}")
+    positive = ("lr", "epochs", "batch_size", "synthetic_steps", "eps")
+    non_negative = ("weight_decay", "sam_rho", "msam_rho", "warmup_epochs", "rho_schedule_epochs",
+                    "clip_grad", "momentum", "checkpoint_every")
+    for key in positive + non_negative:
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} must be {'positive' if key in positive else '>= 0'}, got {value}")
+    if args.rho_schedule != "constant" and not args.rho_schedule_epochs:
+        raise UsageError(f"--rho-schedule {args.rho_schedule} needs --rho-schedule-epochs > 0")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    for key in ("image_size", "num_classes"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive")
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise UsageError(f"--resume: no checkpoint file {args.resume}")
+    if args.resume and len(args.optimizers) > 1 and args.resume != "auto":
+        raise UsageError("--resume CHECKPOINT takes one optimizer; with --compare use --resume "
+                         "and --out-dir (each optimizer resumes from its own folder)")
+    args.variant = {k: getattr(args, k) for k in VARIANT_FLAGS if getattr(args, k) is not None}
+    if args.resume == "auto" and not args.out_dir:
+        raise UsageError("--resume without a file needs --out-dir (where the checkpoint is)")
+    return args
 
 
-def train_step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    if isinstance(opt, msam_fused.SAM):
-        opt.first_step(zero_grad=True)
-        with msam_fused.disable_running_stats(model):
-            F.cross_entropy(model(x), y).backward()
-        opt.second_step(zero_grad=True)
-    else:
-        opt.step()
-        opt.zero_grad()
-    return loss
+def hyper(args) -> Hyper:
+    return Hyper(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                 betas=(args.beta1, args.beta2), eps=args.eps, sam_rho=args.sam_rho,
+                 msam_rho=args.msam_rho)
 
 
-@torch.no_grad()
-def accuracy(model, x, y):
-    model.eval()
-    acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
+def data_shape(args) -> ImageShape:
+    natural = natural_shape(args.model)
+    return ImageShape(natural.channels, args.image_size or natural.size,
+                      args.num_classes or natural.num_classes)
 
 
-def run(name, args, device):
-    torch.manual_seed(args.seed)
-    (xtr, ytr), (xte, yte) = digits_data(device, args.seed)
-    model = digits_cnn().to(device)
-    opt = make_optimizer(name, model.parameters(), args)
-    gen = torch.Generator().manual_seed(args.seed)
-    seen, busy = 0, 0.0
-    for _ in range(args.epochs):
-        order = torch.randperm(len(xtr), generator=gen).to(device)
-        start = time.perf_counter()
-        for i in range(0, len(xtr) - args.batch_size + 1, args.batch_size):
-            idx = order[i:i + args.batch_size]
-            train_step(model, opt, xtr[idx], ytr[idx])
-            seen += len(idx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        busy += time.perf_counter() - start
-    if isinstance(opt, msam_fused.MSAM):
-        with opt.unperturbed():
-            acc = accuracy(model, xte, yte)
-    else:
-        acc = accuracy(model, xte, yte)
-    return acc, seen / busy
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Linear warm-up to the full LR, then constant or cosine to zero (per step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="digits", choices=["digits"])
-    parser.add_argument("--compare", default="sgd,sam,msam", help="comma-separated optimizers")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--wd", type=float, default=5e-4)
-    parser.add_argument("--sam-rho", type=float, default=0.05)
-    parser.add_argument("--msam-rho", type=float, default=0.3)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+def make_rho_schedule(opt, args, steps_per_epoch: int):
+    """The ``--rho-schedule`` (a msam_fused.rho_schedulers object stepped every step), or None
+    for a constant rho or an optimizer without one."""
+    if args.rho_schedule == "constant" or not all("rho" in g for g in opt.param_groups):
+        return None
+    steps = max(1, round(args.rho_schedule_epochs * steps_per_epoch))
+    cls = rho_schedulers.SCHEDULES[args.rho_schedule]
+    if args.rho_schedule == "cosine":
+        return cls(opt, total_steps=steps)
+    if args.rho_schedule == "linear":
+        return cls(opt, ramp_steps=steps)
+    if args.rho_schedule == "step":
+        return cls(opt, milestone=steps)
+    return cls(opt, warmup_steps=steps)
+
+
+# ------------------------------------------------------------------------------ one run
+class Run:
+    """One optimizer's training: model, optimizer, schedule, data position, log."""
+
+    def __init__(self, name: str, args, proc: ddp.Process, data, out_dir):
+        self.name, self.args, self.proc, self.data = name, args, proc, data
+        self.out_dir = Path(out_dir) if out_dir else None
+        device = proc.device
+        if args.batch_size % proc.world:
+            raise UsageError(f"--batch-size {args.batch_size} does not split over {proc.world} processes")
+        self.batch = args.batch_size // proc.world
+        self.steps_per_epoch = data.steps_per_epoch(args.batch_size)
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"--batch-size {args.batch_size} is larger than the {data.num_train} "
+                             f"training images of {data.name}")
+        torch.manual_seed(args.seed)  # the same initial weights for every optimizer and rank
+        self.net = build_model(args.model, data.shape).to(device)
+        if args.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        try:
+            self.opt = build_optimizer(name, self.net, hyper(args), backend=args.backend,
+                                       torch_impl=args.torch_impl, variant=args.variant, seed=args.seed)
+        except ValueError as err:
+            raise UsageError(f"--optimizer {name}: {err}") from None
+        if isinstance(self.opt, VARIANT_STEP_TYPES) and (args.amp == "fp16" or args.clip_grad or proc.world > 1):
+            raise UsageError(f"{name}: {type(self.opt).__name__} trains through msam_fused.variants."
+                             "train_step, without GradScaler, gradient clipping or DDP; drop "
+                             "--amp fp16 / --clip-grad / torchrun for it")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, partial(
+            lr_factor, warmup_steps=round(args.warmup_epochs * self.steps_per_epoch),
+            total_steps=args.epochs * self.steps_per_epoch, schedule=args.schedule))
+        self.rho_sched = make_rho_schedule(self.opt, args, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+        self.ddp_model = ddp.wrap(self.net, proc, args.sync_bn)
+        self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.autocast = partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else nullcontext
+        self.step_cfg = StepConfig(
+            loss_fn=partial(nn.functional.cross_entropy, label_smoothing=args.label_smoothing),
+            autocast=self.autocast, scaler=self.scaler, clip_grad=args.clip_grad,
+            channels_last=args.channels_last, sam_ascent=args.sam_ascent)
+        self.epoch, self.step = 0, 0                 # the data position: next batch to train on
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+        self.history: list[dict] = []
+        self.busy_s, self.wall_s, self.images = 0.0, 0.0, 0
+
+    # --------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self):
+        return self.out_dir / "checkpoint.pt" if self.out_dir else None
+
+    def trajectory_flags(self) -> dict:
+        flags = {k: getattr(self.args, k) for k in TRAJECTORY_FLAGS}
+        return {**flags, "optimizer": self.name, "world_size": self.proc.world}
+
+    def save(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        rng = ddp.all_gather(checkpoint.rng_state(), self.proc)  # each rank's own generators
+        if not self.proc.is_main:
+            return
+        checkpoint.save({
+            "format": CHECKPOINT_FORMAT, "flags": self.trajectory_flags(),
+            "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rho_scheduler": self.rho_sched.state_dict() if self.rho_sched else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng, "position": {"epoch": self.epoch, "step": self.step},
+            "epoch_sums": self.sums, "history": self.history,
+            "timing": {"busy_s": self.busy_s, "wall_s": self.wall_s, "images": self.images},
+        }, self.checkpoint_path)
+
+    def restore(self, path) -> None:
+        state = checkpoint.load(path, self.proc.device)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"--resume: {path} is not a bench/train.py checkpoint")
+        saved, now = state["flags"], self.trajectory_flags()
+        differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+                  for k in now if saved.get(k) != now[k]]
+        if differ:
+            raise UsageError(f"--resume: {path} was written by a different run ("
+                             + "; ".join(differ) + "); resume with the same flags")
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.rho_sched:
+            self.rho_sched.load_state_dict(state["rho_scheduler"])
+        if self.scaler:
+            self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"][self.proc.rank])
+        self.epoch, self.step = state["position"]["epoch"], state["position"]["step"]
+        self.sums = state["epoch_sums"].to(self.proc.device)
+        self.history = state["history"]
+        self.busy_s, self.wall_s, self.images = (state["timing"][k] for k in ("busy_s", "wall_s", "images"))
+
+    # ------------------------------------------------------------------------ training
+    def train(self, progress: bool) -> dict:
+        from tqdm import tqdm
+
+        args = self.args
+        while self.epoch < args.epochs:
+            started, busy, first_step = time.perf_counter(), 0.0, self.step
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step, leave=False,
+                       desc=f"{self.name} epoch {self.epoch + 1}/{args.epochs}",
+                       disable=not (progress and self.proc.is_main))
+            tick = time.perf_counter()
+            for x, y in self.data.train_batches(self.epoch, self.step, self.batch, args.seed,
+                                                self.proc.shard):
+                loss, logits = train_step(self.model, self.opt, x, y, self.step_cfg, self.ddp_model)
+                self.sched.step()
+                if self.rho_sched:
+                    self.rho_sched.step()
+                self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                          torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
+                self.step += 1
+                self.images += len(y) * self.proc.world
+                bar.update()
+                if args.checkpoint_every and self.step % args.checkpoint_every == 0 \
+                        and self.step < self.steps_per_epoch:
+                    busy += self._lap(tick)
+                    self.save()
+                    tick = time.perf_counter()
+            busy += self._lap(tick)
+            bar.close()
+            self.busy_s += busy
+            images = (self.steps_per_epoch - first_step) * args.batch_size
+            self._end_epoch(images / busy if busy else None, time.perf_counter() - started)
+            self.save()
+        return self.summary()
+
+    def _lap(self, since: float) -> float:
+        if self.proc.device.type == "cuda":
+            torch.cuda.synchronize(self.proc.device)
+        return time.perf_counter() - since
+
+    def _end_epoch(self, images_per_s, epoch_s: float) -> None:
+        train = ddp.all_sum(self.sums, self.proc).tolist()
+        test_loss, test_acc = self.evaluate()
+        self.wall_s += epoch_s
+        group = self.opt.param_groups[0]
+        self.history.append({
+            "epoch": self.epoch + 1, "steps": (self.epoch + 1) * self.steps_per_epoch,
+            "lr": group["lr"], "rho": group.get("rho"),
+            "train_loss": train[0] / train[2], "train_acc": train[1] / train[2],
+            "test_loss": test_loss, "test_acc": test_acc,
+            "images_per_s": images_per_s,
+            "wall_time_s": self.wall_s,
+        })
+        self.epoch, self.step = self.epoch + 1, 0
+        self.sums.zero_()
+        if self.proc.is_main and self.out_dir:
+            checkpoint.write_json(self.out_dir / "log.json", self.log())
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy at the true weights (MSAM: inside ``unperturbed()``)."""
+        unperturbed = getattr(self.opt, "unperturbed", nullcontext)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.proc.device)
+        self.net.eval()
+        with unperturbed():
+            for x, y in self.data.test_batches(max(self.batch, 256), self.proc.shard):
+                if self.args.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self.autocast():
+                    logits = self.net(x)
+                loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+                sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
+                                     torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
+        self.net.train()
+        loss, correct, count = ddp.all_sum(sums, self.proc).tolist()
+        return loss / count, correct / count
+
+    def log(self) -> dict:
+        return {"optimizer": self.name, "backend": optimizer_backend(self.opt),
+                "flags": self.trajectory_flags(), "epochs": self.history}
+
+    def summary(self) -> dict:
+        last = self.history[-1]
+        return {"optimizer": self.name, "backend": optimizer_backend(self.opt),
+                "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+                "images_per_s": self.images / self.busy_s if self.busy_s else None,
+                "history": self.history}
+
+
+# ---------------------------------------------------------------------------------- main
+def configure_determinism(args) -> None:
+    threads = args.threads or (1 if args.data == "digits" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def train_one(name: str, args, proc: ddp.Process, data, progress: bool) -> dict:
+    out_dir = Path(args.out_dir) / name if args.out_dir and len(args.optimizers) > 1 else args.out_dir
+    run = Run(name, args, proc, data, out_dir)
+    if args.resume:
+        path = run.checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if path is not None and path.is_file():
+            run.restore(path)
+            if proc.is_main:
+                print(f"{name}: resumed from {path} at epoch {run.epoch + 1}, step {run.step}",
+                      file=sys.stderr)
+    result = run.train(progress)
+    if proc.is_main and run.out_dir:
+        from bench.plots import plot_curves
+
+        plot_curves({name: run.history}, run.out_dir / "curves.png")
+    return result
+
+
+def print_table(results: dict) -> None:
+    print(f"{'optimizer':<11} {'backend':<10} {'test acc':>9} {'images/s':>10} {'vs base':>8}")
+    for name, r in results.items():
+        base = results.get(base_of(name), results[next(iter(results))])
+        ratio = r["images_per_s"] / base["images_per_s"]
+        print(f"{name:<11} {r['backend']:<10} {100 * r['test_acc']:>8.2f}% "
+              f"{r['images_per_s']:>10.0f} {ratio:>8.2f}")
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    results = {name: run(name, args, device) for name in args.compare.split(",")}
-    base = results.get("sgd", next(iter(results.values())))[1]
-    print(f"{'optimizer':<10} {'test acc':>9} {'images/s':>10} {'vs SGD':>7}")
-    for name, (acc, ips) in results.items():
-        print(f"{name:<10} {100 * acc:>8.2f}% {ips:>10.0f} {ips / base:>7.2f}")
+    try:
+        resolve_flags(args)
+        configure_determinism(args)
+        proc = ddp.start(args.device)
+    except UsageError as err:
+        parser.error(str(err))
+    try:
+        data = load_data(args.data, data_dir=args.data_dir, device=proc.device, seed=args.seed,
+                         shape=data_shape(args), synthetic_batch=args.batch_size // proc.world,
+                         synthetic_steps=args.synthetic_steps, workers=args.workers)
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        results = {name: train_one(name, args, proc, data, progress) for name in args.optimizers}
+    except (UsageError, DataError, msam_fused.BackendUnavailableError) as err:
+        ddp.stop(proc)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if proc.is_main:
+        print_table(results)
+        if args.out_dir and len(results) > 1:
+            from bench.plots import plot_curves
+
+            checkpoint.write_json(Path(args.out_dir) / "summary.json", results)
+            plot_curves({n: r["history"] for n, r in results.items()}, Path(args.out_dir) / "curves.png")
+    ddp.stop(proc)
+    return results
 
 
 if __name__ == "__main__":

@@ -7,10 +7,6 @@ Under the interpreter the groups hold fewer tensors (the interpreter costs milli
 tensor and launch) and low precision runs fewer steps; on a GPU everything runs at full size.
 """
 
-import os
-import sys
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -183,14 +179,13 @@ def test_sam_matches_reference_backend():
 def test_trains_the_digits_demo_to_the_reference_accuracy():
     """``MSAM(..., backend="triton")`` on bench/train.py's digits CNN: same accuracy as the
     reference backend (3 epochs; about a minute under the interpreter on 2 cores)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
     pytest.importorskip("sklearn")
-    import train
+    from bench import train
 
-    args = SimpleNamespace(epochs=3, batch_size=64, lr=0.05, wd=5e-4, msam_rho=0.3, seed=0)
     accuracy = {}
     for backend in ("reference", "triton"):
-        args.backend = backend
-        accuracy[backend], _ = train.run("msam", args, torch.device(DEVICE))
+        results = train.main(["--data", "digits", "--optimizer", "msam", "--epochs", "3",
+                              "--backend", backend, "--device", str(DEVICE), "--no-progress"])
+        accuracy[backend] = results["msam"]["test_acc"]
     assert accuracy["reference"] > 0.9
     assert abs(accuracy["triton"] - accuracy["reference"]) <= 0.02, accuracy

@@ -1,0 +1,1 @@
+"""Benchmarks and the training CLI, run as scripts (python bench/<name>.py); see docs/benchmarks.md."""
