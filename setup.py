@@ -73,7 +73,10 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # Files compiled for a wider CPU target come last: the linker keeps the first copy of an
+    # inline function, which must be the one any CPU runs (see csrc/cpu/target_region.h).
+    wide = ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
+    sources = sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) - set(wide)) + wide
     cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"]  # torch adds the C++ standard it needs
     if not cuda_home:
         return [cpp_extension.CppExtension("msam_fused._C", sources, extra_compile_args={"cxx": cxx_flags})]

@@ -43,13 +43,14 @@ template <typename T>
 struct MsamSgdStep {
   T lr, weight_decay, momentum;
 
-  // p: the stored (perturbed) weight the gradient g was taken at; w: the true weight;
-  // v: the momentum. Updates w and v in place.
-  MSAM_HD void operator()(const T& p, const T& g, T& v, T& w) const {
-    const T d = g + weight_decay * p;  // coupled decay at the perturbed point
-    v = momentum * v + d;
-    w = w - lr * v;
+  // v_new from the stored (perturbed) weight p the gradient g was taken at: coupled decay at
+  // the perturbed point, as the authors' code does.
+  MSAM_HD T new_momentum(const T& p, const T& g, const T& v) const {
+    const T d = g + weight_decay * p;
+    return momentum * v + d;
   }
+  // The true weights after the step.
+  MSAM_HD T new_weight(const T& w, const T& v_new) const { return w - lr * v_new; }
 };
 
 // AdamW-MSAM, SPEC §1 steps 2-4, for one tensor whose step count is now t.
@@ -60,11 +61,11 @@ struct AdamwMsamStep {
   T bias2_sqrt;  // sqrt(1 - beta2^t)
   T decay;       // 1 - lr * weight_decay
 
-  MSAM_HD void operator()(const T& g, T& m, T& s, T& w) const {
-    m = beta1 * m + one_minus_beta1 * g;
-    s = beta2 * s + one_minus_beta2 * g * g;
-    w = w - step_size * m / (msam_sqrt(s) / bias2_sqrt + eps);
-    w = w * decay;  // decoupled decay, after the Adam update
+  MSAM_HD T new_exp_avg(const T& g, const T& m) const { return beta1 * m + one_minus_beta1 * g; }
+  MSAM_HD T new_exp_avg_sq(const T& g, const T& s) const { return beta2 * s + one_minus_beta2 * g * g; }
+  MSAM_HD T new_weight(const T& w, const T& m_new, const T& s_new) const {
+    const T adam = w - step_size * m_new / (msam_sqrt(s_new) / bias2_sqrt + eps);
+    return adam * decay;  // decoupled decay, after the Adam update
   }
 };
 
@@ -89,6 +90,12 @@ MSAM_HD T sam_ascent(const T& w, const T& g, const T& scale, bool adaptive) {
 template <typename T>
 MSAM_HD T sam_norm_term(const T& w, const T& g, bool adaptive) {
   return adaptive ? msam_abs(w) * g : g;
+}
+
+// 0 for a finite x, NaN for inf or NaN: summed over a tensor, it says whether all is finite.
+template <typename T>
+MSAM_HD T nonfinite_marker(const T& x) {
+  return x - x;
 }
 
 // Finalize: the coefficient from the global sum of squares (on the device, in double).

@@ -30,20 +30,26 @@ const at::Tensor& first_param(const char* op, TensorList params) {
   return params[0];
 }
 
+const char* op_name(Pass pass, const char* sum_of_squares, const char* update, const char* step) {
+  return pass == Pass::kSumOfSquares ? sum_of_squares : pass == Pass::kUpdate ? update : step;
+}
+
 const at::Tensor* optional_at(TensorList list, size_t i) {
   return list.empty() ? &kAbsent : &list[i];
 }
 
 }  // namespace
 
-MsamSgdArgs msam_sgd_args(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                          TensorList masters, double lr, double weight_decay, double momentum,
-                          const at::Tensor& coef, at::ScalarType norm_dtype,
+MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList& grads,
+                          TensorList momenta, TensorList masters, double lr, double weight_decay,
+                          double momentum, const OptionalTensor& coef_old,
+                          const OptionalTensor& coef_new, at::ScalarType norm_dtype,
                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  const char* op = "msam_sgd_update_";
+  const char* op = op_name(pass, "msam_sgd_sum_of_squares", "msam_sgd_update_", "msam_sgd_step_");
+  const bool writes = pass != Pass::kSumOfSquares;
   TableBuilder b(op,
-                 {{"params", Role::kParam, true}, {"grads", Role::kLikeParam, false},
-                  {"momenta", Role::kState, true}, {"masters", Role::kMaster, true}},
+                 {{"params", Role::kParam, writes}, {"grads", Role::kLikeParam, false},
+                  {"momenta", Role::kState, writes}, {"masters", Role::kMaster, writes}},
                  first_param(op, params));
   const size_t n = params.size();
   check_lengths(b, n, "grads", grads.size(), false);
@@ -57,30 +63,32 @@ MsamSgdArgs msam_sgd_args(TensorList params, const OptionalTensorList& grads, Te
     const c10::optional<at::Tensor> g = grads[i];
     b.add_row(i, {&params[i], g.has_value() ? &*g : &kAbsent, &momenta[i], optional_at(masters, i)});
   }
-  MsamSgdArgs args{b.finish(), lr, weight_decay, momentum, {}, {}, {}, norm_dtype};
-  args.coef = b.scalar("coef", coef, false);
+  MsamSgdArgs args{b.finish(), lr, weight_decay, momentum, {}, {}, {}, {}, norm_dtype};
+  args.coef_old = b.scalar("coef_old", coef_old, false);
+  args.coef_new = b.scalar("coef_new", coef_new, false);
   args.grad_scale = b.scalar("grad_scale", grad_scale, false);
   args.found_inf = b.scalar("found_inf", found_inf, true);
   return args;
 }
 
-AdamwMsamArgs adamw_msam_args(TensorList params, const OptionalTensorList& grads,
+AdamwMsamArgs adamw_msam_args(Pass pass, TensorList params, const OptionalTensorList& grads,
                               TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
                               TensorList masters, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, const at::Tensor& coef,
-                              at::ScalarType norm_dtype, const OptionalTensor& grad_scale,
-                              const OptionalTensor& found_inf) {
-  const char* op = "adamw_msam_update_";
+                              double eps, double weight_decay, const OptionalTensor& coef_old,
+                              const OptionalTensor& coef_new, at::ScalarType norm_dtype,
+                              const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+  const char* op = op_name(pass, "adamw_msam_sum_of_squares", "adamw_msam_update_", "adamw_msam_step_");
+  const bool writes = pass != Pass::kSumOfSquares;
   TableBuilder b(op,
-                 {{"params", Role::kParam, true}, {"grads", Role::kLikeParam, false},
-                  {"exp_avgs", Role::kState, true}, {"exp_avg_sqs", Role::kState, true},
-                  {"masters", Role::kMaster, true}, {"steps", Role::kStep, true}},
+                 {{"params", Role::kParam, writes}, {"grads", Role::kLikeParam, false},
+                  {"exp_avgs", Role::kState, writes}, {"exp_avg_sqs", Role::kState, writes},
+                  {"masters", Role::kMaster, writes}, {"steps", Role::kStep, writes}},
                  first_param(op, params));
   const size_t n = params.size();
   check_lengths(b, n, "grads", grads.size(), false);
   check_lengths(b, n, "exp_avgs", exp_avgs.size(), false);
-  check_lengths(b, n, "exp_avg_sqs", exp_avg_sqs.size(), false);
-  check_lengths(b, n, "steps", steps.size(), false);
+  check_lengths(b, n, "exp_avg_sqs", exp_avg_sqs.size(), !writes);
+  check_lengths(b, n, "steps", steps.size(), !writes);
   check_lengths(b, n, "masters", masters.size(), true);
   check_norm_dtype(b, norm_dtype);
   check_hyper(b, "lr", lr);
@@ -91,11 +99,12 @@ AdamwMsamArgs adamw_msam_args(TensorList params, const OptionalTensorList& grads
   }
   for (size_t i = 0; i < n; ++i) {
     const c10::optional<at::Tensor> g = grads[i];
-    b.add_row(i, {&params[i], g.has_value() ? &*g : &kAbsent, &exp_avgs[i], &exp_avg_sqs[i],
-                  optional_at(masters, i), &steps[i]});
+    b.add_row(i, {&params[i], g.has_value() ? &*g : &kAbsent, &exp_avgs[i],
+                  optional_at(exp_avg_sqs, i), optional_at(masters, i), optional_at(steps, i)});
   }
-  AdamwMsamArgs args{b.finish(), lr, beta1, beta2, eps, weight_decay, {}, {}, {}, norm_dtype};
-  args.coef = b.scalar("coef", coef, false);
+  AdamwMsamArgs args{b.finish(), lr, beta1, beta2, eps, weight_decay, {}, {}, {}, {}, norm_dtype};
+  args.coef_old = b.scalar("coef_old", coef_old, false);
+  args.coef_new = b.scalar("coef_new", coef_new, false);
   args.grad_scale = b.scalar("grad_scale", grad_scale, false);
   args.found_inf = b.scalar("found_inf", found_inf, true);
   return args;

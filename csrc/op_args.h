@@ -12,17 +12,25 @@ using TensorList = at::TensorList;
 using OptionalTensorList = c10::List<c10::optional<at::Tensor>>;
 using OptionalTensor = c10::optional<at::Tensor>;
 
+// The three passes the MSAM-SGD and AdamW-MSAM kernels run in:
+//  kSumOfSquares: read only; the sum of squares of the new direction, and whether any
+//                 gradient is non-finite (the step's skip flag costs no extra pass).
+//  kUpdate:       write the state and the true weights w (the contract's *_update_).
+//  kStep:         write the state and p = w - coef_new * x: a whole step in one pass.
+enum class Pass { kSumOfSquares, kUpdate, kStep };
+
 // Columns: param, grad (absent: no gradient this step), momentum, master (optional).
 struct MsamSgdArgs {
   enum { kParam, kGrad, kMomentum, kMaster, kWidth };
   TensorTable table;
   double lr, weight_decay, momentum;
-  ScalarArg coef, grad_scale, found_inf;
+  ScalarArg coef_old, coef_new, grad_scale, found_inf;
   at::ScalarType norm_dtype;
 };
-MsamSgdArgs msam_sgd_args(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                          TensorList masters, double lr, double weight_decay, double momentum,
-                          const at::Tensor& coef, at::ScalarType norm_dtype,
+MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList& grads,
+                          TensorList momenta, TensorList masters, double lr, double weight_decay,
+                          double momentum, const OptionalTensor& coef_old,
+                          const OptionalTensor& coef_new, at::ScalarType norm_dtype,
                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
 // Columns: param, grad (optional), exp_avg, exp_avg_sq, master (optional), step.
@@ -30,15 +38,16 @@ struct AdamwMsamArgs {
   enum { kParam, kGrad, kExpAvg, kExpAvgSq, kMaster, kStep, kWidth };
   TensorTable table;
   double lr, beta1, beta2, eps, weight_decay;
-  ScalarArg coef, grad_scale, found_inf;
+  ScalarArg coef_old, coef_new, grad_scale, found_inf;
   at::ScalarType norm_dtype;
 };
-AdamwMsamArgs adamw_msam_args(TensorList params, const OptionalTensorList& grads,
+// For kSumOfSquares only grads and exp_avgs are read; the other lists may be empty.
+AdamwMsamArgs adamw_msam_args(Pass pass, TensorList params, const OptionalTensorList& grads,
                               TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
                               TensorList masters, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, const at::Tensor& coef,
-                              at::ScalarType norm_dtype, const OptionalTensor& grad_scale,
-                              const OptionalTensor& found_inf);
+                              double eps, double weight_decay, const OptionalTensor& coef_old,
+                              const OptionalTensor& coef_new, at::ScalarType norm_dtype,
+                              const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
 // Columns: param, direction, master (optional). params = base + alpha * coef * direction.
 struct PerturbArgs {

@@ -29,7 +29,10 @@ else:
 
 BACKEND_FUNCTIONS = ("msam_sgd_update_", "adamw_msam_update_", "perturbation_coef",
                      "apply_perturbation_", "remove_perturbation_", "sam_ascent_sum_of_squares",
-                     "sam_ascent_", "sam_restore_")
+                     "sam_ascent_", "sam_restore_",
+                     # the one-pass step (see msam_fused/momentum_ascent.py)
+                     "msam_sgd_sum_of_squares", "msam_sgd_step_", "adamw_msam_sum_of_squares",
+                     "adamw_msam_step_")
 
 _cuda_reasons: dict = {}
 
@@ -87,6 +90,42 @@ def adamw_msam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, 
     return _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_update_(
         pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
         beta2, eps, weight_decay, coef, norm_dtype, grad_scale, found_inf))
+
+
+def msam_sgd_sum_of_squares(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
+                            grad_scale=None, **options) -> tuple[Tensor, Tensor]:
+    """Read-only first pass of the one-pass step: the sum of squares of the new momenta and a
+    0-d bool that is True when a gradient holds inf or NaN."""
+    _refuse(options, "msam_sgd_sum_of_squares")
+    return torch.ops.msam_fused.msam_sgd_sum_of_squares(list(params), list(grads), list(momenta),
+                                                       weight_decay, momentum, norm_dtype, grad_scale)
+
+
+def msam_sgd_step_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef_old,
+                   coef_new, grad_scale=None, found_inf=None, **options) -> None:
+    """The whole MSAM-SGD step in one pass: ``msam_sgd_update_`` with ``coef_old``, then
+    ``apply_perturbation_`` with ``coef_new``, without storing the true weights in between."""
+    _refuse(options, "msam_sgd_step_")
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_step_(
+        pick(params), pick(grads), pick(momenta), ms, lr, weight_decay, momentum, coef_old,
+        coef_new, grad_scale, found_inf))
+
+
+def adamw_msam_sum_of_squares(params, grads, exp_avgs, *, beta1, norm_dtype, grad_scale=None,
+                              **options) -> tuple[Tensor, Tensor]:
+    """Read-only first pass of the one-pass AdamW-MSAM step (reads only grads and exp_avgs)."""
+    _refuse(options, "adamw_msam_sum_of_squares")
+    return torch.ops.msam_fused.adamw_msam_sum_of_squares(list(params), list(grads), list(exp_avgs),
+                                                         beta1, norm_dtype, grad_scale)
+
+
+def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
+                     eps, weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None,
+                     **options) -> None:
+    _refuse(options, "adamw_msam_step_")
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_step_(
+        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
+        beta2, eps, weight_decay, coef_old, coef_new, grad_scale, found_inf))
 
 
 def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
@@ -158,6 +197,27 @@ if _LOAD_ERROR is None:
           grad_scale=None, found_inf=None):
         _check_lists("msam_sgd_update_", params, grads=grads, momenta=momenta, masters=masters)
         return params[0].new_empty((), dtype=norm_dtype)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_sum_of_squares")
+    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_sum_of_squares", params, grads=grads, momenta=momenta)
+        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_step_")
+    def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef_old, coef_new,
+          grad_scale=None, found_inf=None):
+        _check_lists("msam_sgd_step_", params, grads=grads, momenta=momenta, masters=masters)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_sum_of_squares")
+    def _(params, grads, exp_avgs, beta1, norm_dtype, grad_scale=None):
+        _check_lists("adamw_msam_sum_of_squares", params, grads=grads, exp_avgs=exp_avgs)
+        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_step_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,
+          weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None):
+        _check_lists("adamw_msam_step_", params, grads=grads, exp_avgs=exp_avgs,
+                     exp_avg_sqs=exp_avg_sqs, steps=steps, masters=masters)
 
     @torch.library.register_fake("msam_fused::adamw_msam_update_")
     def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,

@@ -10,6 +10,10 @@ direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-M
    ``c = rho / (||x|| + EPS_NORM)`` (``backend.perturbation_coef``), both on the device;
 3. one pass per bucket that applies the new perturbation (``backend.apply_perturbation_``).
 
+Backends that have the one-pass step (``one_pass_functions``, the fused kernels) run step 1
+as a read-only pass (``*_sum_of_squares``, which also flags non-finite gradients, so
+``nonfinite="skip"`` needs no pass of its own) and steps 1-3 together in ``*_step_``.
+
 A bucket is the parameters of one param group on one device in one dtype. The step never
 reads a device value on the host (except ``nonfinite="raise"``, which must).
 """
@@ -103,6 +107,20 @@ class MomentumAscentOptimizer(Optimizer):
                        grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    # The one-pass step, for backends that have ``one_pass_functions`` (the fused kernels):
+    # a read-only pass returns the sum of squares of the new direction and a non-finite flag,
+    # then one pass per bucket does the whole step given both coefficients. Same memory
+    # traffic as update + apply_perturbation, and the non-finite check comes free.
+    one_pass_functions: tuple
+
+    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
+                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
         where = type(self).__name__
@@ -180,18 +198,29 @@ class MomentumAscentOptimizer(Optimizer):
             return loss
         norm_device = buckets[0].device
         norm_dtype = self._norm_dtype()
-        found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled_grads],
-                                   [label for _, label in labelled_grads], norm_device,
-                                   getattr(self, "found_inf", None))
+        # A backend with the one-pass step folds the non-finite check into its first pass.
+        one_pass = all(hasattr(b.backend, self.one_pass_functions[1]) for b in buckets)
+        scaler_found_inf = getattr(self, "found_inf", None)
+        found_inf = scaler_found_inf if one_pass and self.nonfinite == "skip" else step_skip_flag(
+            self.nonfinite, where, [g for g, _ in labelled_grads],
+            [label for _, label in labelled_grads], norm_device, scaler_found_inf)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
                     else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        nonfinite = None
         for b in buckets:
             coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
-            sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
-                                     _on(found_inf, b.device))
+            if one_pass:
+                sq, bad = self._bucket_sum_of_squares(b, norm_dtype, _on(grad_scale, b.device))
+                bad = bad.to(norm_device, non_blocking=True)
+                nonfinite = bad if nonfinite is None else nonfinite | bad
+            else:
+                sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
+                                         _on(found_inf, b.device))
             total = total + sq.to(norm_device, non_blocking=True)
+        if one_pass and found_inf is None and self.nonfinite == "skip":
+            found_inf = nonfinite
 
         norm_backend = self._backends[norm_device]
         coef_new = {}
@@ -202,9 +231,13 @@ class MomentumAscentOptimizer(Optimizer):
                                                                found_inf)
         for b in buckets:
             coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
-            b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
-                                          b.column("master_weight"), coef=coef,
-                                          found_inf=_on(found_inf, b.device))
+            if one_pass:
+                self._step_bucket(b, coef_old[id(b.group)].to(b.device, non_blocking=True), coef,
+                                  _on(grad_scale, b.device), _on(found_inf, b.device))
+            else:
+                b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
+                                              b.column("master_weight"), coef=coef,
+                                              found_inf=_on(found_inf, b.device))
             for state in b.states:
                 state["perturbation_coef"] = coef
         if found_inf is not None:
