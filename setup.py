@@ -3,8 +3,7 @@
 The extension holds the C++ CPU ops and, when a CUDA toolkit is found, the CUDA ops:
 
 * ``CUDA_HOME`` (or ``CUDA_PATH``) names the toolkit; without it the toolkit is found from the
-  ``nvcc`` on ``PATH``, following symlinks and wrapper scripts (``exec /opt/cuda/bin/nvcc "$@"``)
-  to the real compiler. torch's own guess takes ``/usr/local`` for ``/usr/local/bin/nvcc``.
+  ``nvcc`` on ``PATH``, following symlinks and wrapper scripts (see tools/cuda_toolkit.py).
 * ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (e.g. ``"8.0;9.0"``). Without it: the
   architectures of the visible GPUs, or ``9.0`` when none is visible (enough to check that
   the CUDA code compiles, and quick).
@@ -14,53 +13,22 @@ The extension holds the C++ CPU ops and, when a CUDA toolkit is found, the CUDA 
 
 import glob
 import os
-import re
+import platform
 import shutil
+import sys
 
 from setuptools import setup
 
-DEFAULT_CUDA_ARCH = "9.0"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+from cuda_toolkit import default_arch_list, find_cuda_home  # noqa: E402
 
-
-def _is_toolkit(home):
-    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
-        os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
-
-
-def _nvcc_behind(path):
-    """The real nvcc that ``path`` runs: itself, or the one a wrapper script execs."""
-    path = os.path.realpath(path)
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if not head.startswith(b"#!"):
-        return path
-    for target in re.findall(rb"(/\S+/bin/nvcc)\b", head):
-        target = os.path.realpath(target.decode())
-        if os.path.isfile(target) and target != path:
-            return _nvcc_behind(target)
-    return path
-
-
-def find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if _is_toolkit(home):
-            return home
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(_nvcc_behind(nvcc)))
-        if _is_toolkit(home):
-            return home
-    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
-
-
-def default_arch_list():
-    import torch
-
-    if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
-    return DEFAULT_CUDA_ARCH
+# The CPU kernels built once more per x86-64 capability, each with its own flags (as ATen does);
+# the library picks one at run time (csrc/cpu/ops.cpp).
+CPU_CAPABILITY_SOURCES = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                                    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
 
 
 def extension_modules():
@@ -73,21 +41,16 @@ def extension_modules():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
     from torch.utils import cpp_extension
 
-    # Files compiled for a wider CPU target come last: the linker keeps the first copy of an
-    # inline function, which must be the one any CPU runs (see csrc/cpu/target_region.h).
-    wide = ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
-    sources = sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) - set(wide)) + wide
-    cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"]  # torch adds the C++ standard it needs
+    sources = sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) - set(CPU_CAPABILITY_SOURCES))
+    flags = {"cxx": ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"]}  # torch adds the C++ standard
     if not cuda_home:
-        return [cpp_extension.CppExtension("msam_fused._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [cpp_extension.CppExtension("msam_fused._C", sources, extra_compile_args=flags)]
     cpp_extension.CUDA_HOME = cuda_home
-    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     print(f"msam_fused: building the CUDA ops with {cuda_home} for "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    return [cpp_extension.CUDAExtension(
-        "msam_fused._C", sources,
-        define_macros=[("MSAM_FUSED_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})]
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    return [cpp_extension.CUDAExtension("msam_fused._C", sources, define_macros=[("MSAM_FUSED_WITH_CUDA", None)],
+                                        extra_compile_args={**flags, "nvcc": ["-O3"]})]
 
 
 def build_ext_class():
@@ -95,7 +58,24 @@ def build_ext_class():
         from torch.utils.cpp_extension import BuildExtension
     except ImportError:
         return {}
-    return {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+    class BuildWithCpuCapabilities(BuildExtension):
+        """Compiles each CPU_CAPABILITY_SOURCES file with its own flags, then links its object
+        after all others: the linker keeps the first copy of an inline function, and that
+        must be the one any CPU can run."""
+
+        def build_extension(self, ext):
+            x86 = platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
+            objects = []
+            for source, isa_flags in CPU_CAPABILITY_SOURCES.items():
+                objects += self.compiler.compile(
+                    [source], output_dir=self.build_temp, macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, depends=ext.depends,
+                    extra_postargs={"cxx": ext.extra_compile_args["cxx"] + (isa_flags if x86 else [])})
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return {"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules = extension_modules()  # first: it sets CUDA_HOME before torch's build code loads

@@ -8,14 +8,15 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MSAM_HD __host__ __device__ __forceinline__
-#else
-#define MSAM_HD inline
+#include "host_device.h"
+#include "kernel_types.h"
+
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
 #include <ATen/cpu/vec/vec.h>
 #endif
 
 namespace msam_fused {
+inline namespace MSAM_ARITH_NAMESPACE {
 
 // SPEC §1: c = rho / (||x|| + EPS_NORM).
 constexpr double kEpsNorm = 1e-12;
@@ -70,10 +71,6 @@ struct AdamwMsamStep {
 };
 
 // The per-tensor scalars of AdamwMsamStep at step count t (>= 1), in double.
-struct AdamBias {
-  double step_size, bias2_sqrt;
-};
-
 MSAM_HD AdamBias adam_bias(double lr, double beta1, double beta2, double t) {
   return {lr / (1.0 - pow(beta1, t)), sqrt(1.0 - pow(beta2, t))};
 }
@@ -103,4 +100,5 @@ MSAM_HD double perturbation_coef(double sum_of_squares, double rho) {
   return rho / (sqrt(sum_of_squares) + kEpsNorm);
 }
 
+}  // namespace MSAM_ARITH_NAMESPACE
 }  // namespace msam_fused

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "kernel_types.h"
 #include "tensor_table.h"
 
 namespace msam_fused {
@@ -11,13 +12,6 @@ namespace msam_fused {
 using TensorList = at::TensorList;
 using OptionalTensorList = c10::List<c10::optional<at::Tensor>>;
 using OptionalTensor = c10::optional<at::Tensor>;
-
-// The three passes the MSAM-SGD and AdamW-MSAM kernels run in:
-//  kSumOfSquares: read only; the sum of squares of the new direction, and whether any
-//                 gradient is non-finite (the step's skip flag costs no extra pass).
-//  kUpdate:       write the state and the true weights w (the contract's *_update_).
-//  kStep:         write the state and p = w - coef_new * x: a whole step in one pass.
-enum class Pass { kSumOfSquares, kUpdate, kStep };
 
 // Columns: param, grad (absent: no gradient this step), momentum, master (optional).
 struct MsamSgdArgs {

@@ -4,18 +4,9 @@
 // Arrays are per-parameter lists of one bucket (one device, one parameter dtype). A None
 // gradient means "no gradient this step"; an empty masters list means "no master weights".
 // Scalar tensors (coef, grad_scale, found_inf) stay on the device: kernels read them there.
-#include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-
-extern "C" {
-// `import msam_fused._C` loads this library, and with it the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-}
 
 TORCH_LIBRARY(msam_fused, m) {
   // MSAM-SGD (SPEC §1), in two passes either way:

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "functors.h"
+#include "host_device.h"
 
 namespace msam_fused {
 

@@ -183,12 +183,18 @@ def _sum_over_master_parts(masters, call):
 
 # ------------------------------------------------------------------------- fake kernels
 def _check_lists(op: str, params, **lists) -> None:
+    """The checks of the C++ ops that shapes alone decide (fake tensors have no data)."""
     torch._check(len(params) > 0, lambda: f"msam_fused.{op}: params is empty")
-    for list_name, tensors in lists.items():
+    device = params[0].device
+    for list_name, tensors in {"params": params, **lists}.items():
         torch._check(len(tensors) in (0, len(params)) if list_name == "masters"
                      else len(tensors) == len(params),
-                     lambda: f"msam_fused.{op}: {list_name} has {len(tensors)} tensors, params "
-                             f"has {len(params)}")
+                     lambda: f"msam_fused.{op}: {list_name} has {len(tensors)} tensors but params has "
+                             f"{len(params)}")
+        for i, t in enumerate(tensors):
+            torch._check(t is None or t.device == device,
+                         lambda: f"msam_fused.{op}: {list_name}[{i}] is on {t.device} but params[0] is "
+                                 f"on {device}; all tensors of one call must be on one device")
 
 
 if _LOAD_ERROR is None:

@@ -192,7 +192,7 @@ class MomentumAscentOptimizer(Optimizer):
         if self._unperturbed_depth:
             raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
         # The coefficients last applied, read before new parameters get (zero) state.
-        coef_old = {id(g): self._group_coef(g) for g in self.param_groups}
+        stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
         buckets, labelled_grads = self._collect_buckets(where)
         if not buckets:
             return loss
@@ -206,7 +206,7 @@ class MomentumAscentOptimizer(Optimizer):
             [label for _, label in labelled_grads], norm_device, scaler_found_inf)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
-                    else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
+                    else c.to(norm_device, non_blocking=True) for k, c in stored_coef.items()}
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         nonfinite = None
         for b in buckets:
@@ -238,11 +238,18 @@ class MomentumAscentOptimizer(Optimizer):
                 b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
                                               b.column("master_weight"), coef=coef,
                                               found_inf=_on(found_inf, b.device))
+        # Only now, with every bucket stepped, may the old coefficients be overwritten.
+        remembered = {}
+        for b in buckets:
+            key = (id(b.group), b.device)
+            if key not in remembered:
+                remembered[key] = _remember(stored_coef[id(b.group)],
+                                            coef_new[id(b.group)].to(b.device, non_blocking=True))
             for state in b.states:
-                state["perturbation_coef"] = coef
+                state["perturbation_coef"] = remembered[key]
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
-            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
+            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps.add_(skipped)
         return loss
 
     def _group_coef(self, group: dict) -> Optional[Tensor]:
@@ -414,6 +421,14 @@ class MomentumAscentOptimizer(Optimizer):
             if coefs and any(bool(c.to(coefs[0].device) != coefs[0]) for c in coefs[1:]):
                 raise ValueError(f"{where}: param group {gi} holds different perturbation "
                                  "coefficients; the state dict is corrupt")
+
+
+def _remember(previous: Optional[Tensor], coef: Tensor) -> Tensor:
+    """The tensor that keeps the applied coefficient: the previous step's, overwritten in place
+    where possible, so that a step captured in a CUDA graph reads the current value on replay."""
+    if previous is None or previous.device != coef.device or previous.dtype != coef.dtype:
+        return coef
+    return previous.copy_(coef)
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "../functors.h"
+#include "../kernel_types.h"
 #include "../op_args.h"
 
 namespace msam_fused::cpu {
@@ -37,7 +37,11 @@ struct Kernels {
   void (*sam_ascent)(const SamArgs& a, double scale, bool skipped);
 };
 
-// The name of the kernel set the CPU ops use ("DEFAULT", "AVX2" or "AVX512").
+// The kernel sets this CPU can run, narrowest first (DEFAULT, then AVX2, AVX512 where built).
+std::vector<const Kernels*> runnable_kernels();
+// The set the CPU ops use: the widest runnable one, or the one ATEN_CPU_CAPABILITY names.
+const Kernels& kernels();
+// Its name ("DEFAULT", "AVX2" or "AVX512").
 std::string capability();
 
 // The kernels built for each capability; nullptr where the compiler could not target it.

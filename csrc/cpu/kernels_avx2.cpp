@@ -1,18 +1,16 @@
-// The CPU kernels for x86-64 CPUs with AVX2 and FMA (ops.cpp checks the CPU at run time).
-#include "target_region.h"
+// The CPU kernels for x86-64 CPUs with AVX2 and FMA. The build compiles this file alone with
+// -mavx2 -mfma -mf16c -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2, as ATen does its AVX2 kernels;
+// ops.cpp calls into it only on a CPU that has them.
+#include "kernels.h"
 
-#if MSAM_CAN_TARGET_X86
-MSAM_TARGET_BEGIN("avx2,fma")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2)
 #include "kernels_impl.h"
-MSAM_TARGET_END
+#endif
 
 namespace msam_fused::cpu {
+#if defined(CPU_CAPABILITY_AVX2)
 const Kernels* avx2_kernels() { return &AVX2::kKernels; }
-}  // namespace msam_fused::cpu
 #else
-namespace msam_fused::cpu {
 const Kernels* avx2_kernels() { return nullptr; }
-}  // namespace msam_fused::cpu
 #endif
+}  // namespace msam_fused::cpu

@@ -1,9 +1,9 @@
 // The fused CPU loops: at::parallel_for over fixed segments of the tensor table, at::vec
 // inside each segment, the arithmetic from functors.h.
 //
-// Included once per CPU capability by kernels_<capability>.cpp, which first defines
-// CPU_CAPABILITY (the namespace at::vec and these kernels live in, so the builds do not
-// collide) and switches the compiler's target.
+// Included once per CPU capability by kernels_<capability>.cpp, each compiled with its own
+// instruction-set flags and CPU_CAPABILITY (the namespace that at::vec, the arithmetic and
+// these kernels live in, so the builds never share a symbol).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -14,11 +14,46 @@
 #include <type_traits>
 #include <vector>
 
-#include "../dtypes.h"
-#include "../functors.h"
 #include "kernels.h"
 
-namespace msam_fused::cpu {
+// This build's own copy of the arithmetic (see host_device.h).
+#undef MSAM_ARITH_NAMESPACE
+#define MSAM_ARITH_NAMESPACE CPU_CAPABILITY
+#include "../dtypes.h"
+#include "../passes.h"
+
+namespace msam_fused {
+inline namespace MSAM_ARITH_NAMESPACE {
+
+// Loads and stores of whole at::vec vectors (passes.h has the scalar case).
+template <typename C>
+struct Access<at::vec::Vectorized<C>> {
+  using V = at::vec::Vectorized<C>;
+  template <typename S>
+  static V load(const S* src) {
+    if constexpr (std::is_same_v<S, C>) {
+      return V::loadu(src);
+    } else {
+      __at_align__ C buf[V::size()];
+      for (int64_t k = 0; k < V::size(); ++k) buf[k] = static_cast<C>(src[k]);
+      return V::loadu(buf);
+    }
+  }
+  template <typename S>
+  static void store(S* dst, const V& x) {
+    if constexpr (std::is_same_v<S, C>) {
+      x.store(dst);
+    } else {
+      __at_align__ C buf[V::size()];
+      x.store(buf);
+      for (int64_t k = 0; k < V::size(); ++k) dst[k] = static_cast<S>(buf[k]);
+    }
+  }
+};
+
+}  // namespace MSAM_ARITH_NAMESPACE
+
+namespace cpu {
 namespace CPU_CAPABILITY {
 
 constexpr int64_t kChunk = int64_t{1} << 15;  // elements per segment
@@ -27,6 +62,12 @@ constexpr int kRun = 32;  // vectors summed in compute precision before going to
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
 
+// Names the type an element function works in (a scalar C or a vector Vec<C>).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
 // Elements in one T: 1 for a scalar, the vector width for Vec<C>.
 template <typename T>
 constexpr int64_t lanes() {
@@ -34,34 +75,6 @@ constexpr int64_t lanes() {
     return 1;
   } else {
     return T::size();
-  }
-}
-
-// Loads one element (T = C) or one vector (T = Vec<C>) of storage type S as compute type C.
-template <typename T, typename S>
-T load(const S* src) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    return static_cast<T>(*src);
-  } else if constexpr (std::is_same_v<S, typename T::value_type>) {
-    return T::loadu(src);
-  } else {
-    __at_align__ typename T::value_type buf[T::size()];
-    for (int64_t k = 0; k < T::size(); ++k) buf[k] = static_cast<typename T::value_type>(src[k]);
-    return T::loadu(buf);
-  }
-}
-
-// Stores x into storage of type S, rounding once (to nearest even, as Tensor.to does).
-template <typename S, typename T>
-void store(S* dst, const T& x) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    *dst = static_cast<S>(x);
-  } else if constexpr (std::is_same_v<S, typename T::value_type>) {
-    x.store(dst);
-  } else {
-    __at_align__ typename T::value_type buf[T::size()];
-    x.store(buf);
-    for (int64_t k = 0; k < T::size(); ++k) dst[k] = static_cast<S>(buf[k]);
   }
 }
 
@@ -74,14 +87,7 @@ double horizontal_sum(const Vec<C>& x) {
   return total;
 }
 
-// What one element (or vector) adds to a pass's Sums: the direction, to be squared, and its
-// non-finite marker.
-template <typename T>
-struct Terms {
-  T direction{}, nonfinite{};
-};
-
-// Calls element(T{}, i) -> Terms<T> for i in [begin, end), whole vectors first, then single
+// Calls element(Tag<T>{}, i) -> Terms<T> for i in [begin, end), whole vectors first, then single
 // elements; with kSum, returns what they add up to. The accumulators are locals, so they stay
 // in registers; vectors are summed in C over runs of kRun, then in double, which keeps a long
 // float32 segment about as accurate as torch's cascade sum.
@@ -92,7 +98,7 @@ Sums run_elements(int64_t begin, int64_t end, const Element& element) {
   int run = 0;
   int64_t i = begin;
   for (; i + Vec<C>::size() <= end; i += Vec<C>::size()) {
-    const Terms<Vec<C>> t = element(Vec<C>{}, i);
+    const Terms<Vec<C>> t = element(Tag<Vec<C>>{}, i);
     if constexpr (kSum) {
       squares = squares + t.direction * t.direction;
       markers = markers + t.nonfinite;
@@ -104,7 +110,7 @@ Sums run_elements(int64_t begin, int64_t end, const Element& element) {
     }
   }
   for (; i < end; ++i) {
-    const Terms<C> t = element(C{}, i);
+    const Terms<C> t = element(Tag<C>{}, i);
     if constexpr (kSum) {
       sums.squares += static_cast<double>(t.direction) * static_cast<double>(t.direction);
       sums.nonfinite += static_cast<double>(t.nonfinite);
@@ -156,98 +162,62 @@ template <template <typename> class F, typename C>
 struct Both {
   template <typename... Args>
   explicit Both(Args... args) : scalar{args...}, vector{Vec<C>(args)...} {}
-  const F<C>& get(C) const { return scalar; }
-  const F<Vec<C>>& get(const Vec<C>&) const { return vector; }
   F<C> scalar;
   F<Vec<C>> vector;
 };
 
 // ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
-// One segment of a pass (see Pass in op_args.h); kHasGrad / kHasMaster: the row has them.
+template <typename C>
+PassCoefs<C> pass_coefs(const PassScalars& k) {
+  return {C(k.coef_old), C(-k.coef_new), C(k.grad_scale)};
+}
+
+template <typename C>
+PassCoefs<Vec<C>> broadcast(const PassCoefs<C>& k) {
+  return {Vec<C>(k.coef_old), Vec<C>(k.minus_coef_new), Vec<C>(k.grad_scale)};
+}
+
+// One segment of a pass (see Pass in passes.h); kHasGrad / kHasMaster: the row has them.
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
-Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars& k) {
+Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars& scalars) {
   using C = compute_t<P>;
-  using S = state_t<P>;
   using A = MsamSgdArgs;
-  P* p = column<P>(a.table, s.row, A::kParam);
-  const P* g = column<P>(a.table, s.row, A::kGrad);
-  S* v = column<S>(a.table, s.row, A::kMomentum);
-  master_t* master = column<master_t>(a.table, s.row, A::kMaster);
+  const MsamSgdRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
+                          column<state_t<P>>(a.table, s.row, A::kMomentum),
+                          column<master_t>(a.table, s.row, A::kMaster)};
   const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
-  const C coef_old(k.coef_old), minus_coef_new(-k.coef_new), grad_scale(k.grad_scale);
+  const PassCoefs<C> k = pass_coefs<C>(scalars);
+  const PassCoefs<Vec<C>> vec_k = broadcast(k);
   return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, [&](auto tag, int64_t i) {
-    using T = decltype(tag);
-    const T p_i = load<T>(p + i);
-    const T v_old = load<T>(v + i);
-    Terms<T> terms{v_old, T(C(0))};
-    if constexpr (kHasGrad) {
-      const T g_raw = load<T>(g + i);
-      terms.nonfinite = nonfinite_marker(g_raw);
-      terms.direction = step.get(tag).new_momentum(p_i, g_raw / T(grad_scale), v_old);
-    }
-    if constexpr (kPass == Pass::kSumOfSquares) {
-      return terms;
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_arithmetic_v<T>) {
+      return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
     } else {
-      const T& v_new = terms.direction;
-      const T w_old = kHasMaster ? load<T>(master + i) : shift(p_i, T(coef_old), v_old);
-      const T w = kHasGrad ? step.get(tag).new_weight(w_old, v_new) : w_old;
-      if constexpr (kHasGrad) store(v + i, v_new);
-      if constexpr (kHasGrad && kHasMaster) store(master + i, w);
-      if constexpr (kPass == Pass::kUpdate) {
-        if constexpr (!kHasMaster) store(p + i, w);
-      } else {
-        store(p + i, shift(w, T(minus_coef_new), v_new));
-      }
-      return terms;
+      return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
     }
   });
 }
 
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
-Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScalars& k,
+Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScalars& scalars,
                         const AdamBias& bias) {
   using C = compute_t<P>;
-  using S = state_t<P>;
   using A = AdamwMsamArgs;
-  P* p = column<P>(a.table, s.row, A::kParam);
-  const P* g = column<P>(a.table, s.row, A::kGrad);
-  S* m = column<S>(a.table, s.row, A::kExpAvg);
-  S* sq = column<S>(a.table, s.row, A::kExpAvgSq);
-  master_t* master = column<master_t>(a.table, s.row, A::kMaster);
+  const AdamwMsamRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
+                            column<state_t<P>>(a.table, s.row, A::kExpAvg),
+                            column<state_t<P>>(a.table, s.row, A::kExpAvgSq),
+                            column<master_t>(a.table, s.row, A::kMaster)};
   const Both<AdamwMsamStep, C> step(C(a.beta1), C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2),
                                     C(a.eps), C(bias.step_size), C(bias.bias2_sqrt),
                                     C(1.0 - a.lr * a.weight_decay));
-  const C coef_old(k.coef_old), minus_coef_new(-k.coef_new), grad_scale(k.grad_scale);
+  const PassCoefs<C> k = pass_coefs<C>(scalars);
+  const PassCoefs<Vec<C>> vec_k = broadcast(k);
   return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, [&](auto tag, int64_t i) {
-    using T = decltype(tag);
-    const T m_old = load<T>(m + i);
-    Terms<T> terms{m_old, T(C(0))};
-    T g_i{};
-    if constexpr (kHasGrad) {
-      const T g_raw = load<T>(g + i);
-      terms.nonfinite = nonfinite_marker(g_raw);
-      g_i = g_raw / T(grad_scale);
-      terms.direction = step.get(tag).new_exp_avg(g_i, m_old);
-    }
-    if constexpr (kPass == Pass::kSumOfSquares) {
-      return terms;
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_arithmetic_v<T>) {
+      return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
     } else {
-      const T& m_new = terms.direction;
-      const T w_old = kHasMaster ? load<T>(master + i) : shift(load<T>(p + i), T(coef_old), m_old);
-      T w = w_old;
-      if constexpr (kHasGrad) {
-        const T s_new = step.get(tag).new_exp_avg_sq(g_i, load<T>(sq + i));
-        w = step.get(tag).new_weight(w_old, m_new, s_new);
-        store(m + i, m_new);
-        store(sq + i, s_new);
-        if constexpr (kHasMaster) store(master + i, w);
-      }
-      if constexpr (kPass == Pass::kUpdate) {
-        if constexpr (!kHasMaster) store(p + i, w);
-      } else {
-        store(p + i, shift(w, T(minus_coef_new), m_new));
-      }
-      return terms;
+      return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
     }
   });
 }
@@ -297,14 +267,12 @@ template <typename P, bool kHasMaster>
 void perturb_segment(const PerturbArgs& a, const Segment& s, double k) {
   using C = compute_t<P>;
   using A = PerturbArgs;
-  P* p = column<P>(a.table, s.row, A::kParam);
-  const state_t<P>* x = column<state_t<P>>(a.table, s.row, A::kDirection);
-  const master_t* master = column<master_t>(a.table, s.row, A::kMaster);
-  const C kc(k);
+  const PerturbRow<P> row{column<P>(a.table, s.row, A::kParam),
+                          column<state_t<P>>(a.table, s.row, A::kDirection),
+                          column<master_t>(a.table, s.row, A::kMaster)};
   run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
-    using T = decltype(tag);
-    const T base = kHasMaster ? load<T>(master + i) : load<T>(p + i);
-    store(p + i, shift(base, T(kc), load<T>(x + i)));
+    using T = typename decltype(tag)::type;
+    perturb_element<kHasMaster>(row, i, T(C(k)));
     return Terms<T>{};
   });
 }
@@ -323,16 +291,21 @@ void perturb_kernel(const PerturbArgs& a, double k) {
 }
 
 // ----------------------------------------------------------------------------------- SAM
+template <typename P>
+SamRow<P> sam_row(const SamArgs& a, int64_t row) {
+  return {column<P>(a.table, row, SamArgs::kParam), column<P>(a.table, row, SamArgs::kGrad),
+          column<P>(a.table, row, SamArgs::kBackup)};
+}
+
 double sam_sum_of_squares_kernel(const SamArgs& a) {
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_sum_of_squares", [&] {
     using C = compute_t<scalar_t>;
     total = parallel_segments(a.table, [&](const Segment& s) {
-      const scalar_t* p = column<scalar_t>(a.table, s.row, SamArgs::kParam);
-      const scalar_t* g = column<scalar_t>(a.table, s.row, SamArgs::kGrad);
+      const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
       return run_elements<C, true>(s.begin, s.end, [&](auto tag, int64_t i) {
-        using T = decltype(tag);
-        return Terms<T>{sam_norm_term(load<T>(p + i), load<T>(g + i), a.adaptive), T(C(0))};
+        using T = typename decltype(tag)::type;
+        return Terms<T>{sam_norm_element<T>(row, i, a.adaptive), T(C(0))};
       });
     }).squares;
   });
@@ -342,15 +315,12 @@ double sam_sum_of_squares_kernel(const SamArgs& a) {
 void sam_ascent_kernel(const SamArgs& a, double scale, bool skipped) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_", [&] {
     using C = compute_t<scalar_t>;
-    const C k(scale);
     parallel_segments(a.table, [&](const Segment& s) {
-      scalar_t* p = column<scalar_t>(a.table, s.row, SamArgs::kParam);
-      const scalar_t* g = column<scalar_t>(a.table, s.row, SamArgs::kGrad);
-      scalar_t* backup = column<scalar_t>(a.table, s.row, SamArgs::kBackup);
+      const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
       run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
-        using T = decltype(tag);
-        std::copy(p + i, p + i + lanes<T>(), backup + i);  // the exact bits of w, for the restore
-        if (!skipped) store(p + i, sam_ascent(load<T>(p + i), load<T>(g + i), T(k), a.adaptive));
+        using T = typename decltype(tag)::type;
+        std::copy(row.p + i, row.p + i + lanes<T>(), row.backup + i);  // the exact bits of w
+        if (!skipped) sam_ascent_element<T>(row, i, T(C(scale)), a.adaptive);
         return Terms<T>{};
       });
       return Sums{};
@@ -362,4 +332,5 @@ inline const Kernels kKernels = {C10_STRINGIZE(CPU_CAPABILITY), &msam_sgd_kernel
                                  &perturb_kernel, &sam_sum_of_squares_kernel, &sam_ascent_kernel};
 
 }  // namespace CPU_CAPABILITY
-}  // namespace msam_fused::cpu
+}  // namespace cpu
+}  // namespace msam_fused

@@ -2,34 +2,46 @@
 // (CPU tensors, so this is no device sync), run the kernels of the best CPU capability.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <tuple>
 
+#include "../functors.h"
 #include "kernels.h"
 
 namespace msam_fused::cpu {
-namespace {
 
-// The widest kernel set this CPU runs. ATEN_CPU_CAPABILITY=default|avx2|avx512 narrows the
-// choice, as it does for ATen's own kernels.
+std::vector<const Kernels*> runnable_kernels() {
+  std::vector<const Kernels*> out = {default_kernels()};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx2 && avx2_kernels()) out.push_back(avx2_kernels());
+  if (avx512 && avx512_kernels()) out.push_back(avx512_kernels());
+#endif
+  return out;
+}
+
 const Kernels& kernels() {
   static const Kernels* chosen = [] {
+    // ATEN_CPU_CAPABILITY=default|avx2|avx512 caps the choice, as it does for ATen's kernels.
     const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-    const std::string cap = env ? env : "avx512";
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (cap == "avx512" && avx512 && avx512_kernels()) return avx512_kernels();
-    if ((cap == "avx512" || cap == "avx2") && avx2 && avx2_kernels()) return avx2_kernels();
-#endif
-    return default_kernels();
+    const std::string cap = env != nullptr ? env : "avx512";
+    const size_t widest = cap == "default" ? 0 : cap == "avx2" ? 1 : 2;
+    const std::vector<const Kernels*> runnable = runnable_kernels();
+    return runnable[std::min(widest, runnable.size() - 1)];
   }();
   return *chosen;
 }
+
+std::string capability() { return kernels().capability; }
+
+namespace {
 
 template <typename Args>
 PassScalars pass_scalars(const Args& a) {
@@ -161,8 +173,6 @@ void sam_ascent(TensorList params, TensorList grads, TensorList backups, const a
 }
 
 }  // namespace
-
-std::string capability() { return kernels().capability; }
 
 TORCH_LIBRARY_IMPL(msam_fused, CPU, m) {
   m.impl("msam_sgd_sum_of_squares", &msam_sgd_sum_of_squares);
