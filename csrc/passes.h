@@ -31,11 +31,18 @@ struct Terms {
   T direction{}, nonfinite{};
 };
 
-// The 0-d arguments of a pass in compute precision.
+// The 0-d arguments of a pass in compute precision. Without a GradScaler (unscale false) the
+// gradients are used as they are: dividing by 1 changes nothing but costs a division.
 template <typename T>
 struct PassCoefs {
   T coef_old, minus_coef_new, grad_scale;
+  bool unscale;
 };
+
+template <typename T>
+MSAM_HD T unscaled(const T& g, const PassCoefs<T>& k) {
+  return k.unscale ? g / k.grad_scale : g;
+}
 
 // Typed pointers of one parameter's row of the tensor table (nullptr where absent).
 template <typename P>
@@ -79,7 +86,7 @@ MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamS
   if constexpr (kHasGrad) {
     const T g_raw = A::load(r.g + i);
     terms.nonfinite = nonfinite_marker(g_raw);
-    terms.direction = step.new_momentum(p_i, g_raw / k.grad_scale, v_old);
+    terms.direction = step.new_momentum(p_i, unscaled(g_raw, k), v_old);
   }
   if constexpr (kPass != Pass::kSumOfSquares) {
     const T& v_new = terms.direction;
@@ -106,7 +113,7 @@ MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const A
   if constexpr (kHasGrad) {
     const T g_raw = A::load(r.g + i);
     terms.nonfinite = nonfinite_marker(g_raw);
-    g = g_raw / k.grad_scale;
+    g = unscaled(g_raw, k);
     terms.direction = step.new_exp_avg(g, m_old);
   }
   if constexpr (kPass != Pass::kSumOfSquares) {

@@ -22,6 +22,7 @@ struct Sums {
 // The 0-d arguments of a pass, read on the host (they are CPU tensors).
 struct PassScalars {
   double coef_old = 0.0, coef_new = 0.0, grad_scale = 1.0;
+  bool unscale = false;  // a grad_scale was given
 };
 
 struct Kernels {

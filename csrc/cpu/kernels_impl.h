@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -124,12 +125,16 @@ Sums run_elements(int64_t begin, int64_t end, const Element& element) {
 }
 
 // Runs segment_sums(segment) -> Sums on every segment in parallel; the sums in segment order.
+// Threads claim segments one at a time, so a thread that the OS preempts (a busy machine)
+// holds up only its current segment; each result still lands in its segment's slot.
 template <typename SegmentFn>
 Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums) {
   const std::vector<Segment> segments = table.segments(kChunk);
-  std::vector<double> squares(segments.size(), 0.0), nonfinite(segments.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(segments.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
+  const int64_t n = static_cast<int64_t>(segments.size());
+  std::vector<double> squares(n, 0.0), nonfinite(n, 0.0);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < n; k = next++) {
       const Sums s = segment_sums(segments[k]);
       squares[k] = s.squares;
       nonfinite[k] = s.nonfinite;
@@ -169,12 +174,12 @@ struct Both {
 // ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
 template <typename C>
 PassCoefs<C> pass_coefs(const PassScalars& k) {
-  return {C(k.coef_old), C(-k.coef_new), C(k.grad_scale)};
+  return {C(k.coef_old), C(-k.coef_new), C(k.grad_scale), k.unscale};
 }
 
 template <typename C>
 PassCoefs<Vec<C>> broadcast(const PassCoefs<C>& k) {
-  return {Vec<C>(k.coef_old), Vec<C>(k.minus_coef_new), Vec<C>(k.grad_scale)};
+  return {Vec<C>(k.coef_old), Vec<C>(k.minus_coef_new), Vec<C>(k.grad_scale), k.unscale};
 }
 
 // One segment of a pass (see Pass in passes.h); kHasGrad / kHasMaster: the row has them.

@@ -45,7 +45,8 @@ namespace {
 
 template <typename Args>
 PassScalars pass_scalars(const Args& a) {
-  return {read_scalar(a.coef_old, 0.0), read_scalar(a.coef_new, 0.0), read_scalar(a.grad_scale, 1.0)};
+  return {read_scalar(a.coef_old, 0.0), read_scalar(a.coef_new, 0.0), read_scalar(a.grad_scale, 1.0),
+          a.grad_scale.kind != ScalarKind::kAbsent};
 }
 
 std::tuple<at::Tensor, at::Tensor> sum_of_squares_result(const Sums& total, at::ScalarType norm_dtype,

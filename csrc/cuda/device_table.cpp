@@ -15,6 +15,7 @@
 
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 
 namespace msam_fused::cuda {

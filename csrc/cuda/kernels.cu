@@ -113,7 +113,8 @@ ScalarKind kind_of(at::ScalarType t) {
 // --------------------------------------------------------------------------------- kernels
 template <typename C>
 PassCoefs<C> __device__ read_coefs(ScalarArg coef_old, ScalarArg coef_new, ScalarArg grad_scale) {
-  return {C(read_scalar(coef_old, 0.0)), C(-read_scalar(coef_new, 0.0)), C(read_scalar(grad_scale, 1.0))};
+  return {C(read_scalar(coef_old, 0.0)), C(-read_scalar(coef_new, 0.0)), C(read_scalar(grad_scale, 1.0)),
+          grad_scale.kind != ScalarKind::kAbsent};
 }
 
 struct PassScalars {
@@ -269,13 +270,14 @@ void launch_segments(Kernel kernel, const DeviceTable& t, Args... args) {
 
 // The per-block sums of a pass: two slots per block (zeros where a skipped block wrote none).
 struct Slots {
-  at::Tensor values;
-  int64_t blocks;
+  at::Tensor values;  // undefined for a pass that sums nothing
+  int64_t blocks = 0;
 
+  Slots() = default;
   Slots(const DeviceTable& t, at::Device device)
       : values(at::zeros({std::max<int64_t>(2 * t.segments, 2)}, at::TensorOptions().dtype(at::kDouble).device(device))),
         blocks(t.segments) {}
-  double* data() { return values.data_ptr<double>(); }
+  double* data() { return values.defined() ? values.data_ptr<double>() : nullptr; }
 
   // The sums of the slots: (squares as norm_dtype, nonfinite as bool).
   std::tuple<at::Tensor, at::Tensor> sum(at::ScalarType norm_dtype) {
@@ -293,12 +295,12 @@ PassScalars pass_scalars(const Args& a) {
   return {a.coef_old, a.coef_new, a.grad_scale, a.found_inf};
 }
 
-// Runs pass kPass of MSAM-SGD; returns the slots it summed into (unused for kStep).
+// Runs pass kPass of MSAM-SGD; returns the slots it summed into (none for kStep).
 template <Pass kPass>
 Slots msam_sgd_pass(MsamSgdArgs& a) {
   const c10::cuda::CUDAGuard guard(a.table.device);
   const DeviceTable t = device_table(a.table, kChunk);
-  Slots slots(t, a.table.device);
+  Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
     using C = compute_t<scalar_t>;
     const MsamSgdStep<C> step{C(a.lr), C(a.weight_decay), C(a.momentum)};
@@ -312,7 +314,7 @@ template <Pass kPass>
 Slots adamw_msam_pass(AdamwMsamArgs& a) {
   const c10::cuda::CUDAGuard guard(a.table.device);
   const DeviceTable t = device_table(a.table, kChunk);
-  Slots slots(t, a.table.device);
+  Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
   const AdamwHyper h{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "adamw_msam", [&] {
     launch_segments(adamw_msam_kernel<kPass, scalar_t>, t, h, pass_scalars(a), slots.data());

@@ -87,7 +87,7 @@ void test_scalar_args() {
 // sum-of-squares pass writes nothing.
 void test_passes_agree() {
   const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
-  const PassCoefs<double> k{0.25, -0.75, 2.0};  // coef_old, -coef_new, grad_scale
+  const PassCoefs<double> k{0.25, -0.75, 2.0, true};  // coef_old, -coef_new, grad_scale
   const double g[2] = {0.3, -1.2};
   double p_step[2] = {1.0, -2.0}, v_step[2] = {0.5, 0.1};
   double p_update[2] = {1.0, -2.0}, v_update[2] = {0.5, 0.1};
@@ -112,7 +112,7 @@ void test_passes_agree() {
 // A parameter without a gradient keeps w and v and is re-perturbed with the new coefficient.
 void test_missing_gradient() {
   const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
-  const PassCoefs<double> k{0.25, -0.75, 1.0};
+  const PassCoefs<double> k{0.25, -0.75, 1.0, false};
   double p[1] = {1.0}, v[1] = {0.5};
   msam_sgd_element<Pass::kStep, false, false>(MsamSgdRow<double>{p, nullptr, v, nullptr}, 0, step, k);
   EXPECT(v[0] == 0.5);
@@ -122,7 +122,7 @@ void test_missing_gradient() {
 // With a master copy the master holds w, and the parameter only ever round(w - c * v).
 void test_master_weights() {
   const MsamSgdStep<float> step{0.1f, 0.0f, 0.9f};
-  const PassCoefs<float> k{0.25f, -0.5f, 1.0f};
+  const PassCoefs<float> k{0.25f, -0.5f, 1.0f, false};
   c10::BFloat16 p[1] = {c10::BFloat16(1.0f)};
   const c10::BFloat16 g[1] = {c10::BFloat16(0.5f)};
   float v[1] = {0.0f}, master[1] = {1.001f};
