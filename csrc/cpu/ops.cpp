@@ -1,5 +1,5 @@
-// The CPU implementations of the msam_fused ops: check the arguments, read the 0-d scalars
-// (CPU tensors, so this is no device sync), run the kernels of the best CPU capability.
+// The CPU passes of the msam_fused ops (op_impls.h does the rest): read the 0-d scalars (CPU
+// tensors, so this is no device sync) and run the kernels of the best CPU capability.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "../functors.h"
+#include "../op_impls.h"
 #include "kernels.h"
 
 namespace msam_fused::cpu {
@@ -49,143 +50,65 @@ PassScalars pass_scalars(const Args& a) {
           a.grad_scale.kind != ScalarKind::kAbsent};
 }
 
-std::tuple<at::Tensor, at::Tensor> sum_of_squares_result(const Sums& total, at::ScalarType norm_dtype,
-                                                         at::Device device) {
-  return {scalar_tensor(total.squares, norm_dtype, device),
-          scalar_tensor(std::isnan(total.nonfinite) ? 1.0 : 0.0, at::kBool, device)};
-}
+// What a CPU pass summed, as the op's result tensors.
+struct HostSums {
+  Sums sums;
+  at::Device device;
 
-// ------------------------------------------------------------------------------ MSAM-SGD
-std::tuple<at::Tensor, at::Tensor> msam_sgd_sum_of_squares(
-    TensorList params, const OptionalTensorList& grads, TensorList momenta, double weight_decay,
-    double momentum, at::ScalarType norm_dtype, const OptionalTensor& grad_scale) {
-  const MsamSgdArgs a = msam_sgd_args(Pass::kSumOfSquares, params, grads, momenta, {}, 0.0, weight_decay,
-                                      momentum, {}, {}, norm_dtype, grad_scale, {});
-  return sum_of_squares_result(kernels().msam_sgd(Pass::kSumOfSquares, a, pass_scalars(a)), norm_dtype,
-                               params[0].device());
-}
-
-at::Tensor msam_sgd_update(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                           TensorList masters, double lr, double weight_decay, double momentum,
-                           const at::Tensor& coef, at::ScalarType norm_dtype,
-                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  MsamSgdArgs a = msam_sgd_args(Pass::kUpdate, params, grads, momenta, masters, lr, weight_decay, momentum,
-                                coef, {}, norm_dtype, grad_scale, found_inf);
-  Sums total;
-  if (!step_skipped(a.found_inf)) {
-    total = kernels().msam_sgd(Pass::kUpdate, a, pass_scalars(a));
-    a.table.write_back();
+  std::tuple<at::Tensor, at::Tensor> result(at::ScalarType norm_dtype) const {
+    return {scalar_tensor(sums.squares, norm_dtype, device),
+            scalar_tensor(std::isnan(sums.nonfinite) ? 1.0 : 0.0, at::kBool, device)};
   }
-  return scalar_tensor(total.squares, norm_dtype, params[0].device());
-}
+};
 
-void msam_sgd_step(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                   TensorList masters, double lr, double weight_decay, double momentum,
-                   const at::Tensor& coef_old, const at::Tensor& coef_new,
-                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  MsamSgdArgs a = msam_sgd_args(Pass::kStep, params, grads, momenta, masters, lr, weight_decay, momentum,
-                                coef_old, coef_new, at::kFloat, grad_scale, found_inf);
-  if (step_skipped(a.found_inf)) return;
-  kernels().msam_sgd(Pass::kStep, a, pass_scalars(a));
-  a.table.write_back();
-}
-
-// ---------------------------------------------------------------------------- AdamW-MSAM
-// Runs a pass that writes: bias corrections at each row's new step count, read before any
-// count advances; the counts of rows with a gradient advance afterwards.
-Sums adamw_msam_writing_pass(Pass pass, AdamwMsamArgs& a) {
-  using A = AdamwMsamArgs;
-  std::vector<AdamBias> bias(a.table.rows());
-  for (int64_t r = 0; r < a.table.rows(); ++r) {
-    const float t_new = *static_cast<float*>(a.table.ptr(r, A::kStep)) + 1.0f;
-    bias[r] = adam_bias(a.lr, a.beta1, a.beta2, t_new);
+// The CPU passes for OpImpls. A skipped step (found_inf set) returns before any kernel runs.
+struct Cpu {
+  static HostSums msam_sgd(Pass pass, const MsamSgdArgs& a) {
+    if (pass != Pass::kSumOfSquares && step_skipped(a.found_inf)) return {{}, a.table.device};
+    return {kernels().msam_sgd(pass, a, pass_scalars(a)), a.table.device};
   }
-  const Sums total = kernels().adamw_msam(pass, a, pass_scalars(a), bias);
-  for (int64_t r = 0; r < a.table.rows(); ++r) {
-    if (a.table.ptr(r, A::kGrad) != nullptr) *static_cast<float*>(a.table.ptr(r, A::kStep)) += 1.0f;
+
+  // Passes that write advance the step counts of rows with a gradient, after reading them
+  // for the bias corrections at the new count.
+  static HostSums adamw_msam(Pass pass, const AdamwMsamArgs& a) {
+    using A = AdamwMsamArgs;
+    if (pass == Pass::kSumOfSquares) return {kernels().adamw_msam(pass, a, pass_scalars(a), {}), a.table.device};
+    if (step_skipped(a.found_inf)) return {{}, a.table.device};
+    std::vector<AdamBias> bias(a.table.rows());
+    for (int64_t r = 0; r < a.table.rows(); ++r) {
+      bias[r] = adam_bias(a.lr, a.beta1, a.beta2, *static_cast<float*>(a.table.ptr(r, A::kStep)) + 1.0f);
+    }
+    const Sums sums = kernels().adamw_msam(pass, a, pass_scalars(a), bias);
+    for (int64_t r = 0; r < a.table.rows(); ++r) {
+      if (a.table.ptr(r, A::kGrad) != nullptr) *static_cast<float*>(a.table.ptr(r, A::kStep)) += 1.0f;
+    }
+    return {sums, a.table.device};
   }
-  a.table.write_back();
-  return total;
-}
 
-std::tuple<at::Tensor, at::Tensor> adamw_msam_sum_of_squares(
-    TensorList params, const OptionalTensorList& grads, TensorList exp_avgs, double beta1,
-    at::ScalarType norm_dtype, const OptionalTensor& grad_scale) {
-  const AdamwMsamArgs a = adamw_msam_args(Pass::kSumOfSquares, params, grads, exp_avgs, {}, {}, {}, 0.0,
-                                          beta1, 0.0, 0.0, 0.0, {}, {}, norm_dtype, grad_scale, {});
-  const Sums total = kernels().adamw_msam(Pass::kSumOfSquares, a, pass_scalars(a), {});
-  return sum_of_squares_result(total, norm_dtype, params[0].device());
-}
+  static void perturb(const PerturbArgs& a) {
+    if (!step_skipped(a.found_inf)) kernels().perturb(a, a.alpha * read_scalar(a.coef, 0.0));
+  }
 
-at::Tensor adamw_msam_update(TensorList params, const OptionalTensorList& grads, TensorList exp_avgs,
-                             TensorList exp_avg_sqs, TensorList steps, TensorList masters, double lr,
-                             double beta1, double beta2, double eps, double weight_decay,
-                             const at::Tensor& coef, at::ScalarType norm_dtype,
-                             const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  AdamwMsamArgs a = adamw_msam_args(Pass::kUpdate, params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr,
-                                    beta1, beta2, eps, weight_decay, coef, {}, norm_dtype, grad_scale,
-                                    found_inf);
-  const Sums total = step_skipped(a.found_inf) ? Sums{} : adamw_msam_writing_pass(Pass::kUpdate, a);
-  return scalar_tensor(total.squares, norm_dtype, params[0].device());
-}
+  static at::Tensor perturbation_coef(ScalarArg sum_of_squares, double rho, const at::Tensor& coef_old,
+                                      ScalarArg found_inf) {
+    if (step_skipped(found_inf)) return coef_old.clone();
+    const double coef = msam_fused::perturbation_coef(read_scalar(sum_of_squares, 0.0), rho);
+    return scalar_tensor(coef, coef_old.scalar_type(), coef_old.device());
+  }
 
-void adamw_msam_step(TensorList params, const OptionalTensorList& grads, TensorList exp_avgs,
-                     TensorList exp_avg_sqs, TensorList steps, TensorList masters, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, const at::Tensor& coef_old,
-                     const at::Tensor& coef_new, const OptionalTensor& grad_scale,
-                     const OptionalTensor& found_inf) {
-  AdamwMsamArgs a = adamw_msam_args(Pass::kStep, params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr,
-                                    beta1, beta2, eps, weight_decay, coef_old, coef_new, at::kFloat,
-                                    grad_scale, found_inf);
-  if (!step_skipped(a.found_inf)) adamw_msam_writing_pass(Pass::kStep, a);
-}
+  static HostSums sam_sum_of_squares(const SamArgs& a) {
+    return {{kernels().sam_sum_of_squares(a), 0.0}, a.table.device};
+  }
 
-// ------------------------------------------------------------------- perturbation, finalize
-void perturb(TensorList params, TensorList directions, TensorList masters, const at::Tensor& coef,
-             double alpha, const OptionalTensor& found_inf) {
-  PerturbArgs a = perturb_args(params, directions, masters, coef, alpha, found_inf);
-  if (step_skipped(a.found_inf)) return;
-  kernels().perturb(a, alpha * read_scalar(a.coef, 0.0));
-  a.table.write_back();
-}
-
-at::Tensor perturbation_coef(const at::Tensor& sum_of_squares, double rho, const at::Tensor& coef_old,
-                             const OptionalTensor& found_inf) {
-  check_perturbation_coef_args(sum_of_squares, rho, coef_old, found_inf);
-  if (step_skipped(scalar_arg(found_inf))) return coef_old.clone();
-  const double sum = read_scalar(scalar_arg(sum_of_squares), 0.0);
-  return scalar_tensor(msam_fused::perturbation_coef(sum, rho), coef_old.scalar_type(), coef_old.device());
-}
-
-// ----------------------------------------------------------------------------------- SAM
-at::Tensor sam_ascent_sum_of_squares(TensorList params, TensorList grads, bool adaptive,
-                                     at::ScalarType norm_dtype) {
-  SamArgs a = sam_sum_of_squares_args(params, grads, adaptive, norm_dtype);
-  const double total = kernels().sam_sum_of_squares(a);
-  a.table.write_back();
-  return scalar_tensor(total, norm_dtype, params[0].device());
-}
-
-void sam_ascent(TensorList params, TensorList grads, TensorList backups, const at::Tensor& scale,
-                bool adaptive, const OptionalTensor& found_inf) {
-  SamArgs a = sam_ascent_args(params, grads, backups, scale, adaptive, found_inf);
-  kernels().sam_ascent(a, read_scalar(a.scale, 0.0), step_skipped(a.found_inf));
-  a.table.write_back();
-}
+  static void sam_ascent(const SamArgs& a) {
+    kernels().sam_ascent(a, read_scalar(a.scale, 0.0), step_skipped(a.found_inf));
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(msam_fused, CPU, m) {
-  m.impl("msam_sgd_sum_of_squares", &msam_sgd_sum_of_squares);
-  m.impl("msam_sgd_update_", &msam_sgd_update);
-  m.impl("msam_sgd_step_", &msam_sgd_step);
-  m.impl("adamw_msam_sum_of_squares", &adamw_msam_sum_of_squares);
-  m.impl("adamw_msam_update_", &adamw_msam_update);
-  m.impl("adamw_msam_step_", &adamw_msam_step);
-  m.impl("perturbation_coef", &perturbation_coef);
-  m.impl("perturb_", &perturb);
-  m.impl("sam_ascent_sum_of_squares", &sam_ascent_sum_of_squares);
-  m.impl("sam_ascent_", &sam_ascent);
+  OpImpls<Cpu>::register_all(m);
 }
 
 }  // namespace msam_fused::cpu

@@ -1,5 +1,5 @@
-// The CUDA implementations of the msam_fused ops: multi-tensor kernels over the device copy of
-// the tensor table, one block per segment, the per-element work from passes.h.
+// The CUDA passes of the msam_fused ops (op_impls.h does the rest): multi-tensor kernels over
+// the device copy of the tensor table, one block per segment, the per-element work from passes.h.
 //
 // Nothing here reads a device value on the host: coefficients, grad_scale and found_inf are
 // read by the kernels, and a skipped step (found_inf set) returns at the top of each kernel.
@@ -16,7 +16,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../op_args.h"
+#include "../op_impls.h"
 #include "../passes.h"
 #include "device_table.h"
 
@@ -277,10 +277,10 @@ struct Slots {
   Slots(const DeviceTable& t, at::Device device)
       : values(at::zeros({std::max<int64_t>(2 * t.segments, 2)}, at::TensorOptions().dtype(at::kDouble).device(device))),
         blocks(t.segments) {}
-  double* data() { return values.defined() ? values.data_ptr<double>() : nullptr; }
+  double* data() const { return values.defined() ? values.data_ptr<double>() : nullptr; }
 
   // The sums of the slots: (squares as norm_dtype, nonfinite as bool).
-  std::tuple<at::Tensor, at::Tensor> sum(at::ScalarType norm_dtype) {
+  std::tuple<at::Tensor, at::Tensor> result(at::ScalarType norm_dtype) const {
     at::Tensor squares = at::empty({}, values.options().dtype(norm_dtype));
     at::Tensor nonfinite = at::empty({}, values.options().dtype(at::kBool));
     sum_slots_kernel<<<1, kSumThreads, 0, stream()>>>(data(), std::max<int64_t>(blocks, 1), squares.data_ptr(),
@@ -295,10 +295,8 @@ PassScalars pass_scalars(const Args& a) {
   return {a.coef_old, a.coef_new, a.grad_scale, a.found_inf};
 }
 
-// Runs pass kPass of MSAM-SGD; returns the slots it summed into (none for kStep).
 template <Pass kPass>
-Slots msam_sgd_pass(MsamSgdArgs& a) {
-  const c10::cuda::CUDAGuard guard(a.table.device);
+Slots msam_sgd_pass(const MsamSgdArgs& a) {
   const DeviceTable t = device_table(a.table, kChunk);
   Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
@@ -306,13 +304,11 @@ Slots msam_sgd_pass(MsamSgdArgs& a) {
     const MsamSgdStep<C> step{C(a.lr), C(a.weight_decay), C(a.momentum)};
     launch_segments(msam_sgd_kernel<kPass, scalar_t>, t, step, pass_scalars(a), slots.data());
   });
-  a.table.write_back();
   return slots;
 }
 
 template <Pass kPass>
-Slots adamw_msam_pass(AdamwMsamArgs& a) {
-  const c10::cuda::CUDAGuard guard(a.table.device);
+Slots adamw_msam_pass(const AdamwMsamArgs& a) {
   const DeviceTable t = device_table(a.table, kChunk);
   Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
   const AdamwHyper h{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
@@ -324,126 +320,70 @@ Slots adamw_msam_pass(AdamwMsamArgs& a) {
     advance_steps_kernel<<<(t.rows + threads - 1) / threads, threads, 0, stream()>>>(t, a.found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  a.table.write_back();
   return slots;
 }
 
-// ------------------------------------------------------------------------------------ ops
-std::tuple<at::Tensor, at::Tensor> msam_sgd_sum_of_squares(
-    TensorList params, const OptionalTensorList& grads, TensorList momenta, double weight_decay,
-    double momentum, at::ScalarType norm_dtype, const OptionalTensor& grad_scale) {
-  MsamSgdArgs a = msam_sgd_args(Pass::kSumOfSquares, params, grads, momenta, {}, 0.0, weight_decay, momentum,
-                                {}, {}, norm_dtype, grad_scale, {});
-  return msam_sgd_pass<Pass::kSumOfSquares>(a).sum(norm_dtype);
-}
+// The CUDA passes for OpImpls, on the current stream of the tensors' device.
+struct Cuda {
+  static Slots msam_sgd(Pass pass, const MsamSgdArgs& a) {
+    const c10::cuda::CUDAGuard guard(a.table.device);
+    switch (pass) {
+      case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a);
+      case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a);
+      default: return msam_sgd_pass<Pass::kStep>(a);
+    }
+  }
 
-at::Tensor msam_sgd_update(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                           TensorList masters, double lr, double weight_decay, double momentum,
-                           const at::Tensor& coef, at::ScalarType norm_dtype,
-                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  MsamSgdArgs a = msam_sgd_args(Pass::kUpdate, params, grads, momenta, masters, lr, weight_decay, momentum,
-                                coef, {}, norm_dtype, grad_scale, found_inf);
-  return std::get<0>(msam_sgd_pass<Pass::kUpdate>(a).sum(norm_dtype));
-}
+  static Slots adamw_msam(Pass pass, const AdamwMsamArgs& a) {
+    const c10::cuda::CUDAGuard guard(a.table.device);
+    switch (pass) {
+      case Pass::kSumOfSquares: return adamw_msam_pass<Pass::kSumOfSquares>(a);
+      case Pass::kUpdate: return adamw_msam_pass<Pass::kUpdate>(a);
+      default: return adamw_msam_pass<Pass::kStep>(a);
+    }
+  }
 
-void msam_sgd_step(TensorList params, const OptionalTensorList& grads, TensorList momenta,
-                   TensorList masters, double lr, double weight_decay, double momentum,
-                   const at::Tensor& coef_old, const at::Tensor& coef_new,
-                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  MsamSgdArgs a = msam_sgd_args(Pass::kStep, params, grads, momenta, masters, lr, weight_decay, momentum,
-                                coef_old, coef_new, at::kFloat, grad_scale, found_inf);
-  msam_sgd_pass<Pass::kStep>(a);
-}
+  static void perturb(const PerturbArgs& a) {
+    const c10::cuda::CUDAGuard guard(a.table.device);
+    const DeviceTable t = device_table(a.table, kChunk);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "perturb_", [&] {
+      launch_segments(perturb_kernel<scalar_t>, t, a.coef, a.alpha, a.found_inf);
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> adamw_msam_sum_of_squares(
-    TensorList params, const OptionalTensorList& grads, TensorList exp_avgs, double beta1,
-    at::ScalarType norm_dtype, const OptionalTensor& grad_scale) {
-  AdamwMsamArgs a = adamw_msam_args(Pass::kSumOfSquares, params, grads, exp_avgs, {}, {}, {}, 0.0, beta1,
-                                    0.0, 0.0, 0.0, {}, {}, norm_dtype, grad_scale, {});
-  return adamw_msam_pass<Pass::kSumOfSquares>(a).sum(norm_dtype);
-}
+  static at::Tensor perturbation_coef(ScalarArg sum_of_squares, double rho, const at::Tensor& coef_old,
+                                      ScalarArg found_inf) {
+    const c10::cuda::CUDAGuard guard(coef_old.device());
+    at::Tensor out = at::empty({}, coef_old.options());
+    perturbation_coef_kernel<<<1, 1, 0, stream()>>>(sum_of_squares, rho, scalar_arg(coef_old), found_inf,
+                                                    out.data_ptr(), kind_of(coef_old.scalar_type()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
 
-at::Tensor adamw_msam_update(TensorList params, const OptionalTensorList& grads, TensorList exp_avgs,
-                             TensorList exp_avg_sqs, TensorList steps, TensorList masters, double lr,
-                             double beta1, double beta2, double eps, double weight_decay,
-                             const at::Tensor& coef, at::ScalarType norm_dtype,
-                             const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  AdamwMsamArgs a = adamw_msam_args(Pass::kUpdate, params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr,
-                                    beta1, beta2, eps, weight_decay, coef, {}, norm_dtype, grad_scale, found_inf);
-  return std::get<0>(adamw_msam_pass<Pass::kUpdate>(a).sum(norm_dtype));
-}
+  static Slots sam_sum_of_squares(const SamArgs& a) {
+    const c10::cuda::CUDAGuard guard(a.table.device);
+    const DeviceTable t = device_table(a.table, kChunk);
+    Slots slots(t, a.table.device);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_sum_of_squares", [&] {
+      launch_segments(sam_sum_of_squares_kernel<scalar_t>, t, a.adaptive, slots.data());
+    });
+    return slots;
+  }
 
-void adamw_msam_step(TensorList params, const OptionalTensorList& grads, TensorList exp_avgs,
-                     TensorList exp_avg_sqs, TensorList steps, TensorList masters, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, const at::Tensor& coef_old,
-                     const at::Tensor& coef_new, const OptionalTensor& grad_scale,
-                     const OptionalTensor& found_inf) {
-  AdamwMsamArgs a = adamw_msam_args(Pass::kStep, params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr,
-                                    beta1, beta2, eps, weight_decay, coef_old, coef_new, at::kFloat,
-                                    grad_scale, found_inf);
-  adamw_msam_pass<Pass::kStep>(a);
-}
-
-void perturb(TensorList params, TensorList directions, TensorList masters, const at::Tensor& coef,
-             double alpha, const OptionalTensor& found_inf) {
-  PerturbArgs a = perturb_args(params, directions, masters, coef, alpha, found_inf);
-  const c10::cuda::CUDAGuard guard(a.table.device);
-  const DeviceTable t = device_table(a.table, kChunk);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "perturb_", [&] {
-    launch_segments(perturb_kernel<scalar_t>, t, a.coef, alpha, a.found_inf);
-  });
-  a.table.write_back();
-}
-
-at::Tensor perturbation_coef(const at::Tensor& sum_of_squares, double rho, const at::Tensor& coef_old,
-                             const OptionalTensor& found_inf) {
-  check_perturbation_coef_args(sum_of_squares, rho, coef_old, found_inf);
-  const c10::cuda::CUDAGuard guard(coef_old.device());
-  at::Tensor out = at::empty({}, coef_old.options());
-  perturbation_coef_kernel<<<1, 1, 0, stream()>>>(scalar_arg(sum_of_squares), rho, scalar_arg(coef_old),
-                                                  scalar_arg(found_inf), out.data_ptr(),
-                                                  kind_of(coef_old.scalar_type()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor sam_ascent_sum_of_squares(TensorList params, TensorList grads, bool adaptive,
-                                     at::ScalarType norm_dtype) {
-  SamArgs a = sam_sum_of_squares_args(params, grads, adaptive, norm_dtype);
-  const c10::cuda::CUDAGuard guard(a.table.device);
-  const DeviceTable t = device_table(a.table, kChunk);
-  Slots slots(t, a.table.device);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_sum_of_squares", [&] {
-    launch_segments(sam_sum_of_squares_kernel<scalar_t>, t, adaptive, slots.data());
-  });
-  a.table.write_back();
-  return std::get<0>(slots.sum(norm_dtype));
-}
-
-void sam_ascent(TensorList params, TensorList grads, TensorList backups, const at::Tensor& scale,
-                bool adaptive, const OptionalTensor& found_inf) {
-  SamArgs a = sam_ascent_args(params, grads, backups, scale, adaptive, found_inf);
-  const c10::cuda::CUDAGuard guard(a.table.device);
-  const DeviceTable t = device_table(a.table, kChunk);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_", [&] {
-    launch_segments(sam_ascent_kernel<scalar_t>, t, a.scale, adaptive, a.found_inf);
-  });
-  a.table.write_back();
-}
+  static void sam_ascent(const SamArgs& a) {
+    const c10::cuda::CUDAGuard guard(a.table.device);
+    const DeviceTable t = device_table(a.table, kChunk);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_", [&] {
+      launch_segments(sam_ascent_kernel<scalar_t>, t, a.scale, a.adaptive, a.found_inf);
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(msam_fused, CUDA, m) {
-  m.impl("msam_sgd_sum_of_squares", &msam_sgd_sum_of_squares);
-  m.impl("msam_sgd_update_", &msam_sgd_update);
-  m.impl("msam_sgd_step_", &msam_sgd_step);
-  m.impl("adamw_msam_sum_of_squares", &adamw_msam_sum_of_squares);
-  m.impl("adamw_msam_update_", &adamw_msam_update);
-  m.impl("adamw_msam_step_", &adamw_msam_step);
-  m.impl("perturbation_coef", &perturbation_coef);
-  m.impl("perturb_", &perturb);
-  m.impl("sam_ascent_sum_of_squares", &sam_ascent_sum_of_squares);
-  m.impl("sam_ascent_", &sam_ascent);
+  OpImpls<Cuda>::register_all(m);
 }
 
 }  // namespace msam_fused::cuda
