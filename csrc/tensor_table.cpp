@@ -69,15 +69,15 @@ void TableBuilder::fail(const std::string& message) const {
 
 void TableBuilder::check_tensor(int64_t index, const Column& col, const at::Tensor& t,
                                 const at::Tensor& p) const {
-  std::ostringstream where;
-  where << col.list << "[" << index << "]";
+  // Messages are built only on failure: this runs for every tensor of every step.
+  auto where = [&] { return std::string(col.list) + "[" + std::to_string(index) + "]"; };
   if (t.device() != table_.device) {
     std::ostringstream msg;
-    msg << where.str() << " is on " << t.device() << " but params[0] is on " << table_.device
+    msg << where() << " is on " << t.device() << " but params[0] is on " << table_.device
         << "; all tensors of one call must be on one device";
     fail(msg.str());
   }
-  if (t.is_sparse() || t.layout() != at::kStrided) fail(where.str() + " is not a dense (strided) tensor");
+  if (t.layout() != at::kStrided) fail(where() + " is not a dense (strided) tensor");
   at::ScalarType expected = table_.param_dtype;
   switch (col.role) {
     case Role::kParam:
@@ -88,42 +88,43 @@ void TableBuilder::check_tensor(int64_t index, const Column& col, const at::Tens
   }
   if (t.scalar_type() != expected) {
     std::ostringstream msg;
-    msg << where.str() << " has dtype " << t.scalar_type() << ", expected " << expected;
+    msg << where() << " has dtype " << t.scalar_type() << ", expected " << expected;
     if (col.role == Role::kParam) msg << " (all params of one call share one dtype)";
     if (col.role == Role::kState) msg << " (state of " << table_.param_dtype << " parameters)";
     fail(msg.str());
   }
   if (col.role == Role::kStep) {
-    if (t.numel() != 1) fail(where.str() + " must hold one element (the step count)");
+    if (t.numel() != 1) fail(where() + " must hold one element (the step count)");
   } else if (t.sizes() != p.sizes()) {
     std::ostringstream msg;
-    msg << where.str() << " has shape " << t.sizes() << " but params[" << index << "] has shape "
-        << p.sizes();
+    msg << where() << " has shape " << t.sizes() << " but params[" << index << "] has shape " << p.sizes();
     fail(msg.str());
   }
 }
 
-void TableBuilder::add_row(int64_t index, const std::vector<const at::Tensor*>& tensors) {
+void TableBuilder::add_row(int64_t index, std::initializer_list<const at::Tensor*> tensors) {
   TORCH_INTERNAL_ASSERT(tensors.size() == columns_.size());
-  const at::Tensor& p = *tensors[0];
+  const at::Tensor* const* cols = tensors.begin();
+  const at::Tensor& p = *cols[0];
   bool in_place = true;
   for (size_t c = 0; c < columns_.size(); ++c) {
-    const at::Tensor* t = tensors[c];
+    const at::Tensor* t = cols[c];
     if (t == nullptr || !t->defined()) continue;
     check_tensor(index, columns_[c], *t, p);
     if (columns_[c].role != Role::kStep) in_place = in_place && shares_dense_layout(*t, p);
   }
   for (size_t c = 0; c < columns_.size(); ++c) {
-    const at::Tensor* t = tensors[c];
+    const at::Tensor* t = cols[c];
     void* ptr = nullptr;
     if (t != nullptr && t->defined()) {
-      at::Tensor used = *t;
       if (!in_place && columns_[c].role != Role::kStep && !t->is_contiguous()) {
-        used = t->contiguous();
-        table_.temporaries_.push_back(used);  // must outlive the kernels that read it
-        if (columns_[c].written) table_.writebacks_.emplace_back(*t, used);
+        at::Tensor copy = t->contiguous();
+        table_.temporaries_.push_back(copy);  // must outlive the kernels that read it
+        if (columns_[c].written) table_.writebacks_.emplace_back(*t, copy);
+        ptr = copy.data_ptr();
+      } else {
+        ptr = t->data_ptr();
       }
-      ptr = used.data_ptr();
     }
     table_.ptrs.push_back(ptr);
   }

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -67,7 +68,7 @@ class TableBuilder {
   TableBuilder(const char* op, std::vector<Column> columns, const at::Tensor& first_param);
 
   // One row; tensors in column order, undefined where absent (allowed for optional columns).
-  void add_row(int64_t index, const std::vector<const at::Tensor*>& tensors);
+  void add_row(int64_t index, std::initializer_list<const at::Tensor*> tensors);
   TensorTable finish() { return std::move(table_); }
 
   // A 0-d scalar argument on the params' device (coefficient, grad_scale, found_inf).

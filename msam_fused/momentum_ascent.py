@@ -193,7 +193,7 @@ class MomentumAscentOptimizer(Optimizer):
             raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
         # The coefficients last applied, read before new parameters get (zero) state.
         stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
-        buckets, labelled_grads = self._collect_buckets(where)
+        buckets, grads_at = self._collect_buckets(where)
         if not buckets:
             return loss
         norm_device = buckets[0].device
@@ -202,8 +202,8 @@ class MomentumAscentOptimizer(Optimizer):
         one_pass = all(hasattr(b.backend, self.one_pass_functions[1]) for b in buckets)
         scaler_found_inf = getattr(self, "found_inf", None)
         found_inf = scaler_found_inf if one_pass and self.nonfinite == "skip" else step_skip_flag(
-            self.nonfinite, where, [g for g, _ in labelled_grads],
-            [label for _, label in labelled_grads], norm_device, scaler_found_inf)
+            self.nonfinite, where, [g for g, _ in grads_at],
+            [describe_param(*place) for _, place in grads_at], norm_device, scaler_found_inf)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
                     else c.to(norm_device, non_blocking=True) for k, c in stored_coef.items()}
@@ -270,7 +270,7 @@ class MomentumAscentOptimizer(Optimizer):
             for i, p in enumerate(group["params"]):
                 check_param_for_step(where, describe_param(group, gi, i, p), p, self._layouts[id(p)])
         buckets: dict[tuple, Bucket] = {}
-        labelled_grads = []
+        grads_at = []  # (gradient, where it is): described only if a message needs it
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 state = self.state.get(p)
@@ -286,8 +286,8 @@ class MomentumAscentOptimizer(Optimizer):
                 b.grads.append(p.grad)
                 b.states.append(state)
                 if p.grad is not None:
-                    labelled_grads.append((p.grad, describe_param(group, gi, i, p)))
-        return list(buckets.values()), labelled_grads
+                    grads_at.append((p.grad, (group, gi, i, p)))
+        return list(buckets.values()), grads_at
 
     # ----------------------------------------------------------------- true weights access
     def _perturbed_buckets(self) -> list[Bucket]:

@@ -59,6 +59,7 @@ namespace CPU_CAPABILITY {
 
 constexpr int64_t kChunk = int64_t{1} << 15;  // elements per segment
 constexpr int kRun = 32;  // vectors summed in compute precision before going to double
+constexpr int64_t kPrefetchAhead = 512;  // elements: a few KB ahead of each stream
 
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
@@ -88,17 +89,25 @@ double horizontal_sum(const Vec<C>& x) {
   return total;
 }
 
+// Asks the CPU to start loading element i of each stream (a null stream is skipped): with
+// only reads in flight the hardware prefetchers alone leave ~10% of the bandwidth unused.
+template <typename... Streams>
+void prefetch(int64_t i, const Streams*... streams) {
+  ((streams != nullptr ? __builtin_prefetch(streams + i) : void()), ...);
+}
+
 // Calls element(Tag<T>{}, i) -> Terms<T> for i in [begin, end), whole vectors first, then single
 // elements; with kSum, returns what they add up to. The accumulators are locals, so they stay
 // in registers; vectors are summed in C over runs of kRun, then in double, which keeps a long
 // float32 segment about as accurate as torch's cascade sum.
-template <typename C, bool kSum, typename Element>
-Sums run_elements(int64_t begin, int64_t end, const Element& element) {
+template <typename C, bool kSum, typename Element, typename... Streams>
+Sums run_elements(int64_t begin, int64_t end, const Element& element, const Streams*... streams) {
   Vec<C> squares(C(0)), markers(C(0));
   Sums sums;
   int run = 0;
   int64_t i = begin;
   for (; i + Vec<C>::size() <= end; i += Vec<C>::size()) {
+    prefetch(i + kPrefetchAhead, streams...);
     const Terms<Vec<C>> t = element(Tag<Vec<C>>{}, i);
     if constexpr (kSum) {
       squares = squares + t.direction * t.direction;
@@ -193,14 +202,15 @@ Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars&
   const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
   const PassCoefs<C> k = pass_coefs<C>(scalars);
   const PassCoefs<Vec<C>> vec_k = broadcast(k);
-  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, [&](auto tag, int64_t i) {
+  auto element = [&](auto tag, int64_t i) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_arithmetic_v<T>) {
       return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
     } else {
       return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
     }
-  });
+  };
+  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.p, row.g, row.v);
 }
 
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
@@ -217,14 +227,15 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
                                     C(1.0 - a.lr * a.weight_decay));
   const PassCoefs<C> k = pass_coefs<C>(scalars);
   const PassCoefs<Vec<C>> vec_k = broadcast(k);
-  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, [&](auto tag, int64_t i) {
+  auto element = [&](auto tag, int64_t i) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_arithmetic_v<T>) {
       return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
     } else {
       return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
     }
-  });
+  };
+  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.g, row.m);
 }
 
 template <Pass kPass>
