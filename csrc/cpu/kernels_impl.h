@@ -171,26 +171,33 @@ T* column(const TensorTable& table, int64_t row, int col) {
   return static_cast<T*>(table.ptr(row, col));
 }
 
-// A functor for single elements and for vectors, built from the same scalars.
+// A functor (or the pass's coefficients) for single elements and for vectors, built from the
+// same scalars; get(tag) gives the one an element function works in.
+template <typename C, typename X>
+auto widen(X x) {
+  if constexpr (std::is_same_v<X, bool>) {
+    return x;  // a flag stays a flag
+  } else {
+    return Vec<C>(x);
+  }
+}
+
 template <template <typename> class F, typename C>
 struct Both {
   template <typename... Args>
-  explicit Both(Args... args) : scalar{args...}, vector{Vec<C>(args)...} {}
+  explicit Both(Args... args) : scalar{args...}, vector{widen<C>(args)...} {}
+  const F<C>& get(Tag<C>) const { return scalar; }
+  const F<Vec<C>>& get(Tag<Vec<C>>) const { return vector; }
   F<C> scalar;
   F<Vec<C>> vector;
 };
 
+template <typename C>
+Both<PassCoefs, C> pass_coefs(const PassScalars& k) {
+  return Both<PassCoefs, C>(C(k.coef_old), C(-k.coef_new), C(k.grad_scale), k.unscale);
+}
+
 // ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
-template <typename C>
-PassCoefs<C> pass_coefs(const PassScalars& k) {
-  return {C(k.coef_old), C(-k.coef_new), C(k.grad_scale), k.unscale};
-}
-
-template <typename C>
-PassCoefs<Vec<C>> broadcast(const PassCoefs<C>& k) {
-  return {Vec<C>(k.coef_old), Vec<C>(k.minus_coef_new), Vec<C>(k.grad_scale), k.unscale};
-}
-
 // One segment of a pass (see Pass in passes.h); kHasGrad / kHasMaster: the row has them.
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
 Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars& scalars) {
@@ -200,15 +207,9 @@ Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars&
                           column<state_t<P>>(a.table, s.row, A::kMomentum),
                           column<master_t>(a.table, s.row, A::kMaster)};
   const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
-  const PassCoefs<C> k = pass_coefs<C>(scalars);
-  const PassCoefs<Vec<C>> vec_k = broadcast(k);
+  const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
-    using T = typename decltype(tag)::type;
-    if constexpr (std::is_arithmetic_v<T>) {
-      return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
-    } else {
-      return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
-    }
+    return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
   };
   return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.p, row.g, row.v);
 }
@@ -225,15 +226,9 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
   const Both<AdamwMsamStep, C> step(C(a.beta1), C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2),
                                     C(a.eps), C(bias.step_size), C(bias.bias2_sqrt),
                                     C(1.0 - a.lr * a.weight_decay));
-  const PassCoefs<C> k = pass_coefs<C>(scalars);
-  const PassCoefs<Vec<C>> vec_k = broadcast(k);
+  const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
-    using T = typename decltype(tag)::type;
-    if constexpr (std::is_arithmetic_v<T>) {
-      return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.scalar, k);
-    } else {
-      return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.vector, vec_k);
-    }
+    return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
   };
   return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.g, row.m);
 }
