@@ -199,7 +199,7 @@ class MomentumAscentOptimizer(Optimizer):
         norm_device = buckets[0].device
         norm_dtype = self._norm_dtype()
         # A backend with the one-pass step folds the non-finite check into its first pass.
-        one_pass = all(hasattr(b.backend, self.one_pass_functions[1]) for b in buckets)
+        one_pass = all(hasattr(b.backend, f) for b in buckets for f in self.one_pass_functions)
         scaler_found_inf = getattr(self, "found_inf", None)
         found_inf = scaler_found_inf if one_pass and self.nonfinite == "skip" else step_skip_flag(
             self.nonfinite, where, [g for g, _ in grads_at],
