@@ -33,6 +33,7 @@ class AdamWMSAM(MomentumAscentOptimizer):
 
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "rho")
     direction_key = "exp_avg"
+    one_pass_functions = ("adamw_msam_sum_of_squares", "adamw_msam_step_")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, rho: float = 1.0, *, adaptive: bool = False,
@@ -66,3 +67,19 @@ class AdamWMSAM(MomentumAscentOptimizer):
             beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef=coef,
             norm_dtype=norm_dtype, grad_scale=grad_scale, found_inf=found_inf,
             **bucket.adaptive_kwargs())
+
+    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
+                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return bucket.backend.adamw_msam_sum_of_squares(
+            bucket.params, bucket.grads, bucket.column("exp_avg"), beta1=bucket.group["betas"][0],
+            norm_dtype=norm_dtype, grad_scale=grad_scale)
+
+    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        g = bucket.group
+        beta1, beta2 = g["betas"]
+        bucket.backend.adamw_msam_step_(
+            bucket.params, bucket.grads, bucket.column("exp_avg"), bucket.column("exp_avg_sq"),
+            bucket.column("step"), bucket.column("master_weight"), lr=g["lr"], beta1=beta1,
+            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef_old=coef_old,
+            coef_new=coef_new, grad_scale=grad_scale, found_inf=found_inf)

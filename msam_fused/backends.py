@@ -59,7 +59,7 @@ def _compiled_backend(kind: str):
     reason = module.unavailable_reason(kind)
     if reason:
         raise BackendUnavailableError(f"backend '{kind}': {reason}")
-    return module
+    return module.backend(kind)  # the same functions for both kinds, named for the one asked for
 
 
 def _load_triton(device: torch.device):

@@ -10,6 +10,10 @@ direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-M
    ``c = rho / (||x|| + EPS_NORM)`` (``backend.perturbation_coef``), both on the device;
 3. one pass per bucket that applies the new perturbation (``backend.apply_perturbation_``).
 
+Backends that have the one-pass step (``one_pass_functions``, the fused kernels) run step 1
+as a read-only pass (``*_sum_of_squares``, which also flags non-finite gradients, so
+``nonfinite="skip"`` needs no pass of its own) and steps 1-3 together in ``*_step_``.
+
 A bucket is the parameters of one param group on one device in one dtype. The step never
 reads a device value on the host (except ``nonfinite="raise"``, which must).
 
@@ -40,8 +44,8 @@ from torch.optim import Optimizer
 from msam_fused import backends
 from msam_fused.distributed import sharding
 from msam_fused.nonfinite import step_skip_flag
-from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
-                                   check_param_for_step, describe_param)
+from msam_fused.validation import (ParamPlace, check_flag, check_new_params,
+                                   check_nonfinite_policy, check_param_for_step, describe_param)
 
 STATE_FORMAT = 1
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -148,6 +152,20 @@ class MomentumAscentOptimizer(Optimizer):
                        grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    # The one-pass step, for backends that have ``one_pass_functions`` (the fused kernels):
+    # a read-only pass returns the sum of squares of the new direction and a non-finite flag,
+    # then one pass per bucket does the whole step given both coefficients. Same memory
+    # traffic as update + apply_perturbation, and the non-finite check comes free.
+    one_pass_functions: tuple
+
+    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
+                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
         where = type(self).__name__
@@ -241,29 +259,40 @@ class MomentumAscentOptimizer(Optimizer):
         if self._sharding is not None:
             self._sharding.check_alive(where)
         # The coefficients last applied, read before new parameters get (zero) state.
-        coef_old = {id(g): self._group_coef(g) for g in self.param_groups}
-        buckets, labelled_grads = self._collect_buckets(where)
+        stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
+        buckets, grads_at = self._collect_buckets(where)
         if not buckets:
             return loss
         norm_device = buckets[0].device
         norm_dtype = self._norm_dtype()
-        found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled_grads],
-                                   [label for _, label in labelled_grads], norm_device,
+        # A backend with the one-pass step folds the non-finite check into its first pass.
+        one_pass = all(self._runs_one_pass(b) for b in buckets)
+        fold_check = one_pass and self.nonfinite == "skip"
+        found_inf = step_skip_flag(self.nonfinite, where, [] if fold_check else [g for g, _ in grads_at],
+                                   [place for _, place in grads_at], norm_device,
                                    getattr(self, "found_inf", None), all_ranks=self._sharding)
         grad_scale = getattr(self, "grad_scale", None)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
-                    else c.to(norm_device, non_blocking=True) for k, c in coef_old.items()}
+                    else c.to(norm_device, non_blocking=True) for k, c in stored_coef.items()}
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        nonfinite = None
         for b in buckets:
             coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
-            sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
-                                     _on(found_inf, b.device))
+            if one_pass:
+                sq, bad = self._bucket_sum_of_squares(b, norm_dtype, _on(grad_scale, b.device))
+                bad = bad.to(norm_device, non_blocking=True)
+                nonfinite = bad if nonfinite is None else nonfinite | bad
+            else:
+                sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
+                                         _on(found_inf, b.device))
             if perturbs(b.group):
                 if b.norm_weight != 1.0:
                     sq = sq * b.norm_weight
                 total = total + sq.to(norm_device, non_blocking=True)
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
+        if fold_check and found_inf is None:
+            found_inf = nonfinite if self._sharding is None else self._sharding.any(nonfinite)
 
         norm_backend = self._backends[norm_device]
         coef_new = {}
@@ -275,17 +304,27 @@ class MomentumAscentOptimizer(Optimizer):
                 coef_new[key] = norm_backend.perturbation_coef(total, rho, coef_old[key], found_inf)
         for b in buckets:
             coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
+            if one_pass:
+                self._step_bucket(b, coef_old[id(b.group)].to(b.device, non_blocking=True), coef,
+                                  _on(grad_scale, b.device), _on(found_inf, b.device))
             # p = w - 0 * x is p = w, which the first pass left there unless w is a master copy
-            if perturbs(b.group) or any(m is not None for m in b.column("master_weight")):
+            elif perturbs(b.group) or any(m is not None for m in b.column("master_weight")):
                 b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
                                               b.column("master_weight"), coef=coef,
                                               found_inf=_on(found_inf, b.device),
                                               **b.adaptive_kwargs())
+        # Only now, with every bucket stepped, may the old coefficients be overwritten.
+        remembered = {}
+        for b in buckets:
+            key = (id(b.group), b.device)
+            if key not in remembered:
+                remembered[key] = _remember(stored_coef[id(b.group)],
+                                            coef_new[id(b.group)].to(b.device, non_blocking=True))
             for state in b.states:
-                state["perturbation_coef"] = coef
+                state["perturbation_coef"] = remembered[key]
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
-            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
+            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps.add_(skipped)
         return loss
 
     def _group_coef(self, group: dict) -> Optional[Tensor]:
@@ -305,12 +344,12 @@ class MomentumAscentOptimizer(Optimizer):
             self.check_group(f"{where}: param group {gi}", group)
             self._check_perturbation_options(f"{where}: param group {gi}", group)
             for i, p in enumerate(group["params"]):
-                what = describe_param(group, gi, i, p)
-                check_param_for_step(where, what, p, self._layouts[id(p)])
+                place = ParamPlace(group, gi, i, p)
+                check_param_for_step(where, place, p, self._layouts[id(p)])
                 if self._sharding is not None:
-                    sharding.check_grad(where, what, p)
+                    sharding.check_grad(where, str(place), p)
         buckets: dict[tuple, Bucket] = {}
-        labelled_grads = []
+        grads_at = []  # (gradient, where it is): described only if a message needs it
         sharded = self._sharding is not None
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -330,8 +369,13 @@ class MomentumAscentOptimizer(Optimizer):
                 b.grads.append(grad)
                 b.states.append(state)
                 if grad is not None:
-                    labelled_grads.append((grad, describe_param(group, gi, i, p)))
-        return list(buckets.values()), labelled_grads
+                    grads_at.append((grad, ParamPlace(group, gi, i, p)))
+        return list(buckets.values()), grads_at
+
+    def _runs_one_pass(self, bucket: Bucket) -> bool:
+        """The bucket's backend has the one-pass step and the group needs nothing it lacks."""
+        return not is_adaptive(bucket.group) and all(
+            hasattr(bucket.backend, f) for f in self.one_pass_functions)
 
     def _check_perturbation_options(self, where: str, group: dict) -> None:
         """The group's backend can run its options, and ``adaptive`` is what its state was
@@ -482,6 +526,14 @@ class MomentumAscentOptimizer(Optimizer):
             if coefs and any(bool(c.to(coefs[0].device) != coefs[0]) for c in coefs[1:]):
                 raise ValueError(f"{where}: param group {gi} holds different perturbation "
                                  "coefficients; the state dict is corrupt")
+
+
+def _remember(previous: Optional[Tensor], coef: Tensor) -> Tensor:
+    """The tensor that keeps the applied coefficient: the previous step's, overwritten in place
+    where possible, so that a step captured in a CUDA graph reads the current value on replay."""
+    if previous is None or previous.device != coef.device or previous.dtype != coef.dtype:
+        return coef
+    return previous.copy_(coef)
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

@@ -54,6 +54,7 @@ class MSAM(MomentumAscentOptimizer):
 
     hyperparameter_keys = ("lr", "momentum", "weight_decay", "rho")
     direction_key = "momentum_buffer"
+    one_pass_functions = ("msam_sgd_sum_of_squares", "msam_sgd_step_")
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  rho: float = 0.3, *, adaptive: bool = False, nesterov: bool = False,
@@ -86,3 +87,20 @@ class MSAM(MomentumAscentOptimizer):
             bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
             momentum=g["momentum"], coef=coef, norm_dtype=norm_dtype, grad_scale=grad_scale,
             found_inf=found_inf, **bucket.adaptive_kwargs())
+
+    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
+                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        g = bucket.group
+        return bucket.backend.msam_sgd_sum_of_squares(
+            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
+            weight_decay=g["weight_decay"], momentum=g["momentum"], norm_dtype=norm_dtype,
+            grad_scale=grad_scale)
+
+    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
+                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        g = bucket.group
+        bucket.backend.msam_sgd_step_(
+            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
+            bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
+            momentum=g["momentum"], coef_old=coef_old, coef_new=coef_new, grad_scale=grad_scale,
+            found_inf=found_inf)

@@ -48,7 +48,7 @@ def step_skip_flag(policy: str, where: str, grads: Sequence[Tensor], labels: Seq
         flag = all_ranks.any(flag)
     if policy == "raise":
         if bool(flag):
-            bad = [label for g, label in zip(grads, labels) if not bool(torch.isfinite(g).all())]
+            bad = [str(label) for g, label in zip(grads, labels) if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(
                 f"{where}: non-finite gradient (inf or NaN) in "
                 f"{', '.join(bad[:5]) or 'the gradients of another rank'}"

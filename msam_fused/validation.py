@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
@@ -47,6 +47,19 @@ def describe_param(group: dict, group_index: int, index: int, param: torch.Tenso
     return f"parameter {index}{label} of param group {group_index} (shape {tuple(param.shape)})"
 
 
+class ParamPlace(NamedTuple):
+    """Where a parameter is; formatted (``str``) only when a message needs it, so the checks
+    of every step cost no string building."""
+
+    group: dict
+    group_index: int
+    index: int
+    param: torch.Tensor
+
+    def __str__(self) -> str:
+        return describe_param(self.group, self.group_index, self.index, self.param)
+
+
 def check_new_params(where: str, group_index: int, group: dict,
                      known: Iterable[torch.Tensor]) -> None:
     """A param group being added: no duplicates, no complex or non-float parameters."""
@@ -67,7 +80,7 @@ def check_new_params(where: str, group_index: int, group: dict,
                             "parameters can be optimized")
 
 
-def check_param_for_step(where: str, what: str, p: torch.Tensor, layout: tuple) -> None:
+def check_param_for_step(where: str, what: object, p: torch.Tensor, layout: tuple) -> None:
     """The parameter is where it was when the optimizer was built, with a usable gradient."""
     device, dtype = layout
     if p.device != device or p.dtype != dtype:

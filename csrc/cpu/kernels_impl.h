@@ -1,0 +1,347 @@
+// The fused CPU loops: at::parallel_for over fixed segments of the tensor table, at::vec
+// inside each segment, the arithmetic from functors.h.
+//
+// Included once per CPU capability by kernels_<capability>.cpp, each compiled with its own
+// instruction-set flags and CPU_CAPABILITY (the namespace that at::vec, the arithmetic and
+// these kernels live in, so the builds never share a symbol).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+
+// This build's own copy of the arithmetic (see host_device.h).
+#undef MSAM_ARITH_NAMESPACE
+#define MSAM_ARITH_NAMESPACE CPU_CAPABILITY
+#include "../dtypes.h"
+#include "../passes.h"
+
+namespace msam_fused {
+inline namespace MSAM_ARITH_NAMESPACE {
+
+// Loads and stores of whole at::vec vectors (passes.h has the scalar case).
+template <typename C>
+struct Access<at::vec::Vectorized<C>> {
+  using V = at::vec::Vectorized<C>;
+  template <typename S>
+  static V load(const S* src) {
+    if constexpr (std::is_same_v<S, C>) {
+      return V::loadu(src);
+    } else {
+      __at_align__ C buf[V::size()];
+      for (int64_t k = 0; k < V::size(); ++k) buf[k] = static_cast<C>(src[k]);
+      return V::loadu(buf);
+    }
+  }
+  template <typename S>
+  static void store(S* dst, const V& x) {
+    if constexpr (std::is_same_v<S, C>) {
+      x.store(dst);
+    } else {
+      __at_align__ C buf[V::size()];
+      x.store(buf);
+      for (int64_t k = 0; k < V::size(); ++k) dst[k] = static_cast<S>(buf[k]);
+    }
+  }
+};
+
+}  // namespace MSAM_ARITH_NAMESPACE
+
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+constexpr int64_t kChunk = int64_t{1} << 15;  // elements per segment
+constexpr int kRun = 32;  // vectors summed in compute precision before going to double
+constexpr int64_t kPrefetchAhead = 512;  // elements: a few KB ahead of each stream
+
+template <typename C>
+using Vec = at::vec::Vectorized<C>;
+
+// Names the type an element function works in (a scalar C or a vector Vec<C>).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Elements in one T: 1 for a scalar, the vector width for Vec<C>.
+template <typename T>
+constexpr int64_t lanes() {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return 1;
+  } else {
+    return T::size();
+  }
+}
+
+template <typename C>
+double horizontal_sum(const Vec<C>& x) {
+  __at_align__ C buf[Vec<C>::size()];
+  x.store(buf);
+  double total = 0.0;
+  for (int64_t k = 0; k < Vec<C>::size(); ++k) total += static_cast<double>(buf[k]);
+  return total;
+}
+
+// Asks the CPU to start loading element i of each stream (a null stream is skipped): with
+// only reads in flight the hardware prefetchers alone leave ~10% of the bandwidth unused.
+template <typename... Streams>
+void prefetch(int64_t i, const Streams*... streams) {
+  ((streams != nullptr ? __builtin_prefetch(streams + i) : void()), ...);
+}
+
+// Calls element(Tag<T>{}, i) -> Terms<T> for i in [begin, end), whole vectors first, then single
+// elements; with kSum, returns what they add up to. The accumulators are locals, so they stay
+// in registers; vectors are summed in C over runs of kRun, then in double, which keeps a long
+// float32 segment about as accurate as torch's cascade sum.
+template <typename C, bool kSum, typename Element, typename... Streams>
+Sums run_elements(int64_t begin, int64_t end, const Element& element, const Streams*... streams) {
+  Vec<C> squares(C(0)), markers(C(0));
+  Sums sums;
+  int run = 0;
+  int64_t i = begin;
+  for (; i + Vec<C>::size() <= end; i += Vec<C>::size()) {
+    prefetch(i + kPrefetchAhead, streams...);
+    const Terms<Vec<C>> t = element(Tag<Vec<C>>{}, i);
+    if constexpr (kSum) {
+      squares = squares + t.direction * t.direction;
+      markers = markers + t.nonfinite;
+      if (++run == kRun) {
+        sums.squares += horizontal_sum(squares);
+        squares = Vec<C>(C(0));
+        run = 0;
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    const Terms<C> t = element(Tag<C>{}, i);
+    if constexpr (kSum) {
+      sums.squares += static_cast<double>(t.direction) * static_cast<double>(t.direction);
+      sums.nonfinite += static_cast<double>(t.nonfinite);
+    }
+  }
+  if constexpr (kSum) {
+    sums.squares += horizontal_sum(squares);
+    sums.nonfinite += horizontal_sum(markers);
+  }
+  return sums;
+}
+
+// Runs segment_sums(segment) -> Sums on every segment in parallel; the sums in segment order.
+// Threads claim segments one at a time, so a thread that the OS preempts (a busy machine)
+// holds up only its current segment; each result still lands in its segment's slot.
+template <typename SegmentFn>
+Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums) {
+  const std::vector<Segment> segments = table.segments(kChunk);
+  const int64_t n = static_cast<int64_t>(segments.size());
+  std::vector<double> squares(n, 0.0), nonfinite(n, 0.0);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    for (int64_t k = next++; k < n; k = next++) {
+      const Sums s = segment_sums(segments[k]);
+      squares[k] = s.squares;
+      nonfinite[k] = s.nonfinite;
+    }
+  });
+  return {ordered_sum(squares), ordered_sum(nonfinite)};
+}
+
+// Runs segment(s, has_grad, has_master) on every segment, with the two flags of the
+// segment's row as compile-time constants.
+template <typename Args, typename SegmentFn>
+Sums parallel_rows(const Args& a, const SegmentFn& segment) {
+  return parallel_segments(a.table, [&](const Segment& s) {
+    const bool has_grad = a.table.ptr(s.row, Args::kGrad) != nullptr;
+    const bool has_master = a.table.ptr(s.row, Args::kMaster) != nullptr;
+    if (has_grad && has_master) return segment(s, std::true_type{}, std::true_type{});
+    if (has_grad) return segment(s, std::true_type{}, std::false_type{});
+    if (has_master) return segment(s, std::false_type{}, std::true_type{});
+    return segment(s, std::false_type{}, std::false_type{});
+  });
+}
+
+template <typename T>
+T* column(const TensorTable& table, int64_t row, int col) {
+  return static_cast<T*>(table.ptr(row, col));
+}
+
+// A functor (or the pass's coefficients) for single elements and for vectors, built from the
+// same scalars; get(tag) gives the one an element function works in.
+template <typename C, typename X>
+auto widen(X x) {
+  if constexpr (std::is_same_v<X, bool>) {
+    return x;  // a flag stays a flag
+  } else {
+    return Vec<C>(x);
+  }
+}
+
+template <template <typename> class F, typename C>
+struct Both {
+  template <typename... Args>
+  explicit Both(Args... args) : scalar{args...}, vector{widen<C>(args)...} {}
+  const F<C>& get(Tag<C>) const { return scalar; }
+  const F<Vec<C>>& get(Tag<Vec<C>>) const { return vector; }
+  F<C> scalar;
+  F<Vec<C>> vector;
+};
+
+template <typename C>
+Both<PassCoefs, C> pass_coefs(const PassScalars& k) {
+  return Both<PassCoefs, C>(C(k.coef_old), C(-k.coef_new), C(k.grad_scale), k.unscale);
+}
+
+// ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
+// One segment of a pass (see Pass in passes.h); kHasGrad / kHasMaster: the row has them.
+template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
+Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars& scalars) {
+  using C = compute_t<P>;
+  using A = MsamSgdArgs;
+  const MsamSgdRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
+                          column<state_t<P>>(a.table, s.row, A::kMomentum),
+                          column<master_t>(a.table, s.row, A::kMaster)};
+  const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
+  const auto k = pass_coefs<C>(scalars);
+  auto element = [&](auto tag, int64_t i) {
+    return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
+  };
+  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.p, row.g, row.v);
+}
+
+template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
+Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScalars& scalars,
+                        const AdamBias& bias) {
+  using C = compute_t<P>;
+  using A = AdamwMsamArgs;
+  const AdamwMsamRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
+                            column<state_t<P>>(a.table, s.row, A::kExpAvg),
+                            column<state_t<P>>(a.table, s.row, A::kExpAvgSq),
+                            column<master_t>(a.table, s.row, A::kMaster)};
+  const Both<AdamwMsamStep, C> step(C(a.beta1), C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2),
+                                    C(a.eps), C(bias.step_size), C(bias.bias2_sqrt),
+                                    C(1.0 - a.lr * a.weight_decay));
+  const auto k = pass_coefs<C>(scalars);
+  auto element = [&](auto tag, int64_t i) {
+    return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
+  };
+  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.g, row.m);
+}
+
+template <Pass kPass>
+Sums msam_sgd_pass(const MsamSgdArgs& a, const PassScalars& k) {
+  Sums total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
+    total = parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
+      return msam_sgd_segment<kPass, scalar_t, decltype(has_grad)::value, decltype(has_master)::value>(
+          a, s, k);
+    });
+  });
+  return total;
+}
+
+template <Pass kPass>
+Sums adamw_msam_pass(const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias) {
+  Sums total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "adamw_msam", [&] {
+    total = parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
+      return adamw_msam_segment<kPass, scalar_t, decltype(has_grad)::value, decltype(has_master)::value>(
+          a, s, k, kPass == Pass::kSumOfSquares ? AdamBias{} : bias[s.row]);
+    });
+  });
+  return total;
+}
+
+Sums msam_sgd_kernel(Pass pass, const MsamSgdArgs& a, const PassScalars& k) {
+  switch (pass) {
+    case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a, k);
+    case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a, k);
+    default: return msam_sgd_pass<Pass::kStep>(a, k);
+  }
+}
+
+Sums adamw_msam_kernel(Pass pass, const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias) {
+  switch (pass) {
+    case Pass::kSumOfSquares: return adamw_msam_pass<Pass::kSumOfSquares>(a, k, bias);
+    case Pass::kUpdate: return adamw_msam_pass<Pass::kUpdate>(a, k, bias);
+    default: return adamw_msam_pass<Pass::kStep>(a, k, bias);
+  }
+}
+
+// ---------------------------------------------------------------------------- perturbation
+template <typename P, bool kHasMaster>
+void perturb_segment(const PerturbArgs& a, const Segment& s, double k) {
+  using C = compute_t<P>;
+  using A = PerturbArgs;
+  const PerturbRow<P> row{column<P>(a.table, s.row, A::kParam),
+                          column<state_t<P>>(a.table, s.row, A::kDirection),
+                          column<master_t>(a.table, s.row, A::kMaster)};
+  run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
+    using T = typename decltype(tag)::type;
+    perturb_element<kHasMaster>(row, i, T(C(k)));
+    return Terms<T>{};
+  });
+}
+
+void perturb_kernel(const PerturbArgs& a, double k) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "perturb_", [&] {
+    parallel_segments(a.table, [&](const Segment& s) {
+      if (a.table.ptr(s.row, PerturbArgs::kMaster) != nullptr) {
+        perturb_segment<scalar_t, true>(a, s, k);
+      } else {
+        perturb_segment<scalar_t, false>(a, s, k);
+      }
+      return Sums{};
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------------- SAM
+template <typename P>
+SamRow<P> sam_row(const SamArgs& a, int64_t row) {
+  return {column<P>(a.table, row, SamArgs::kParam), column<P>(a.table, row, SamArgs::kGrad),
+          column<P>(a.table, row, SamArgs::kBackup)};
+}
+
+double sam_sum_of_squares_kernel(const SamArgs& a) {
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_sum_of_squares", [&] {
+    using C = compute_t<scalar_t>;
+    total = parallel_segments(a.table, [&](const Segment& s) {
+      const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
+      return run_elements<C, true>(s.begin, s.end, [&](auto tag, int64_t i) {
+        using T = typename decltype(tag)::type;
+        return Terms<T>{sam_norm_element<T>(row, i, a.adaptive), T(C(0))};
+      });
+    }).squares;
+  });
+  return total;
+}
+
+void sam_ascent_kernel(const SamArgs& a, double scale, bool skipped) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_", [&] {
+    using C = compute_t<scalar_t>;
+    parallel_segments(a.table, [&](const Segment& s) {
+      const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
+      run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
+        using T = typename decltype(tag)::type;
+        std::copy(row.p + i, row.p + i + lanes<T>(), row.backup + i);  // the exact bits of w
+        if (!skipped) sam_ascent_element<T>(row, i, T(C(scale)), a.adaptive);
+        return Terms<T>{};
+      });
+      return Sums{};
+    });
+  });
+}
+
+inline const Kernels kKernels = {C10_STRINGIZE(CPU_CAPABILITY), &msam_sgd_kernel, &adamw_msam_kernel,
+                                 &perturb_kernel, &sam_sum_of_squares_kernel, &sam_ascent_kernel};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace msam_fused

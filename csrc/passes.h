@@ -1,0 +1,161 @@
+// What each pass does to one element (or one at::vec vector) of a parameter: which tensors it
+// reads, which functor of functors.h it applies, what it writes, and what it adds to the
+// pass's sums. Shared by the CPU loops (T = at::vec::Vectorized<C> and T = C) and the CUDA
+// kernels (T = C), so the devices differ only in how they walk the elements.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dtypes.h"
+#include "functors.h"
+#include "kernel_types.h"
+
+namespace msam_fused {
+inline namespace MSAM_ARITH_NAMESPACE {
+
+// Loads and stores of T from and to storage of another type, rounding once on the store
+// (to nearest even, as Tensor.to does). This is the scalar case; the CPU kernels add at::vec.
+template <typename T>
+struct Access {
+  template <typename S>
+  MSAM_HD static T load(const S* src) { return static_cast<T>(*src); }
+  template <typename S>
+  MSAM_HD static void store(S* dst, const T& x) { *dst = static_cast<S>(x); }
+};
+
+// What one element adds to its pass's sums: the direction (squared for the norm) and its
+// non-finite marker.
+template <typename T>
+struct Terms {
+  T direction{}, nonfinite{};
+};
+
+// The 0-d arguments of a pass in compute precision. Without a GradScaler (unscale false) the
+// gradients are used as they are: dividing by 1 changes nothing but costs a division.
+template <typename T>
+struct PassCoefs {
+  T coef_old, minus_coef_new, grad_scale;
+  bool unscale;
+};
+
+template <typename T>
+MSAM_HD T unscaled(const T& g, const PassCoefs<T>& k) {
+  return k.unscale ? g / k.grad_scale : g;
+}
+
+// Typed pointers of one parameter's row of the tensor table (nullptr where absent).
+template <typename P>
+struct MsamSgdRow {
+  P* p;
+  const P* g;
+  state_t<P>* v;
+  master_t* master;
+};
+
+template <typename P>
+struct AdamwMsamRow {
+  P* p;
+  const P* g;
+  state_t<P>* m;
+  state_t<P>* s;
+  master_t* master;
+};
+
+template <typename P>
+struct PerturbRow {
+  P* p;
+  const state_t<P>* x;
+  const master_t* master;
+};
+
+template <typename P>
+struct SamRow {
+  P* p;
+  const P* g;
+  P* backup;
+};
+
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
+MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+                                  const PassCoefs<T>& k) {
+  using A = Access<T>;
+  const T p_i = A::load(r.p + i);
+  const T v_old = A::load(r.v + i);
+  Terms<T> terms{v_old, T(0)};
+  if constexpr (kHasGrad) {
+    const T g_raw = A::load(r.g + i);
+    terms.nonfinite = nonfinite_marker(g_raw);
+    terms.direction = step.new_momentum(p_i, unscaled(g_raw, k), v_old);
+  }
+  if constexpr (kPass != Pass::kSumOfSquares) {
+    const T& v_new = terms.direction;
+    const T w_old = kHasMaster ? A::load(r.master + i) : shift(p_i, k.coef_old, v_old);
+    const T w = kHasGrad ? step.new_weight(w_old, v_new) : w_old;
+    if constexpr (kHasGrad) A::store(r.v + i, v_new);
+    if constexpr (kHasGrad && kHasMaster) A::store(r.master + i, w);
+    if constexpr (kPass == Pass::kStep) {
+      A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
+    } else if constexpr (!kHasMaster) {
+      A::store(r.p + i, w);
+    }
+  }
+  return terms;
+}
+
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
+MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const AdamwMsamStep<T>& step,
+                                    const PassCoefs<T>& k) {
+  using A = Access<T>;
+  const T m_old = A::load(r.m + i);
+  Terms<T> terms{m_old, T(0)};
+  T g{};
+  if constexpr (kHasGrad) {
+    const T g_raw = A::load(r.g + i);
+    terms.nonfinite = nonfinite_marker(g_raw);
+    g = unscaled(g_raw, k);
+    terms.direction = step.new_exp_avg(g, m_old);
+  }
+  if constexpr (kPass != Pass::kSumOfSquares) {
+    const T& m_new = terms.direction;
+    const T w_old = kHasMaster ? A::load(r.master + i) : shift(A::load(r.p + i), k.coef_old, m_old);
+    T w = w_old;
+    if constexpr (kHasGrad) {
+      const T s_new = step.new_exp_avg_sq(g, A::load(r.s + i));
+      w = step.new_weight(w_old, m_new, s_new);
+      A::store(r.m + i, m_new);
+      A::store(r.s + i, s_new);
+      if constexpr (kHasMaster) A::store(r.master + i, w);
+    }
+    if constexpr (kPass == Pass::kStep) {
+      A::store(r.p + i, shift(w, k.minus_coef_new, m_new));
+    } else if constexpr (!kHasMaster) {
+      A::store(r.p + i, w);
+    }
+  }
+  return terms;
+}
+
+// params = base + k * x with base = the master copy if there is one, else the parameter.
+template <bool kHasMaster, typename T, typename P>
+MSAM_HD void perturb_element(const PerturbRow<P>& r, int64_t i, const T& k) {
+  using A = Access<T>;
+  const T base = kHasMaster ? A::load(r.master + i) : A::load(r.p + i);
+  A::store(r.p + i, shift(base, k, A::load(r.x + i)));
+}
+
+template <typename T, typename P>
+MSAM_HD T sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) {
+  using A = Access<T>;
+  return sam_norm_term(A::load(r.p + i), A::load(r.g + i), adaptive);
+}
+
+// SAM's ascent from w = params: params = w + e. The backup copy is the caller's (bit-exact).
+template <typename T, typename P>
+MSAM_HD void sam_ascent_element(const SamRow<P>& r, int64_t i, const T& scale, bool adaptive) {
+  using A = Access<T>;
+  A::store(r.p + i, sam_ascent(A::load(r.p + i), A::load(r.g + i), scale, adaptive));
+}
+
+}  // namespace MSAM_ARITH_NAMESPACE
+}  // namespace msam_fused

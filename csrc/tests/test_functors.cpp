@@ -1,0 +1,197 @@
+// Unit tests of the arithmetic every kernel shares (functors.h, passes.h, scalar_arg.h) and
+// of the table split (tensor_table.h). Run by ctest (see CMakeLists.txt). Each expectation is
+// written out from SPEC §1, independently of the code under test.
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <vector>
+
+#include "../passes.h"
+#include "../scalar_arg.h"
+#include "../tensor_table.h"
+
+using namespace msam_fused;
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                  \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+bool near(double a, double b, double rel = 1e-15) {
+  return std::fabs(a - b) <= rel * std::max(1.0, std::fabs(b));
+}
+
+void test_msam_sgd_step() {
+  const MsamSgdStep<double> step{0.1, 5e-4, 0.9};
+  const double p = 0.7, g = -0.3, v = 0.2;
+  const double v_new = step.new_momentum(p, g, v);
+  EXPECT(near(v_new, 0.9 * 0.2 + (-0.3 + 5e-4 * 0.7)));
+  EXPECT(near(step.new_weight(1.5, v_new), 1.5 - 0.1 * v_new));
+}
+
+void test_adamw_msam_step() {
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.1, t = 3.0;
+  const AdamBias bias = adam_bias(lr, b1, b2, t);
+  EXPECT(near(bias.step_size, lr / (1 - std::pow(b1, t))));
+  EXPECT(near(bias.bias2_sqrt, std::sqrt(1 - std::pow(b2, t))));
+  const AdamwMsamStep<double> step{b1, 1 - b1, b2, 1 - b2, eps, bias.step_size, bias.bias2_sqrt, 1 - lr * wd};
+  const double g = 0.4, m = -0.1, s = 0.02, w = 2.0;
+  const double m_new = step.new_exp_avg(g, m), s_new = step.new_exp_avg_sq(g, s);
+  EXPECT(near(m_new, b1 * m + (1 - b1) * g));
+  EXPECT(near(s_new, b2 * s + (1 - b2) * g * g));
+  const double expected = (w - bias.step_size * m_new / (std::sqrt(s_new) / bias.bias2_sqrt + eps)) * (1 - lr * wd);
+  EXPECT(near(step.new_weight(w, m_new, s_new), expected));
+}
+
+void test_perturbation_and_sam() {
+  EXPECT(near(perturbation_coef(4.0, 3.0), 3.0 / (2.0 + 1e-12)));
+  EXPECT(perturbation_coef(0.0, 0.5) == 0.5 / 1e-12);
+  EXPECT(shift(1.0, 0.5, 2.0) == 2.0);
+  EXPECT(near(sam_ascent(2.0, 0.5, 0.1, false), 2.0 + 0.05));
+  EXPECT(near(sam_ascent(2.0, 0.5, 0.1, true), 2.0 + 0.05 * 4.0));
+  EXPECT(sam_norm_term(-3.0, 0.5, true) == 1.5);
+  EXPECT(sam_norm_term(-3.0, 0.5, false) == 0.5);
+}
+
+void test_nonfinite_marker() {
+  const double inf = std::numeric_limits<double>::infinity();
+  EXPECT(nonfinite_marker(1e300) == 0.0);
+  EXPECT(std::isnan(nonfinite_marker(inf)));
+  EXPECT(std::isnan(nonfinite_marker(-inf)));
+  EXPECT(std::isnan(nonfinite_marker(std::nan(""))));
+}
+
+void test_scalar_args() {
+  const bool yes = true;
+  const float half = 0.5f;
+  const double two = 2.0;
+  EXPECT(read_scalar(ScalarArg{}, 7.0) == 7.0);
+  EXPECT(read_scalar(ScalarArg{&half, ScalarKind::kFloat}, 0.0) == 0.5);
+  EXPECT(read_scalar(ScalarArg{&two, ScalarKind::kDouble}, 0.0) == 2.0);
+  EXPECT(step_skipped(ScalarArg{&yes, ScalarKind::kBool}));
+  EXPECT(!step_skipped(ScalarArg{}));
+  const float nan = std::nanf("");
+  EXPECT(step_skipped(ScalarArg{&nan, ScalarKind::kFloat}));
+}
+
+// The one-pass step (kStep) equals the update pass followed by the perturbation, and the
+// sum-of-squares pass writes nothing.
+void test_passes_agree() {
+  const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
+  const PassCoefs<double> k{0.25, -0.75, 2.0, true};  // coef_old, -coef_new, grad_scale
+  const double g[2] = {0.3, -1.2};
+  double p_step[2] = {1.0, -2.0}, v_step[2] = {0.5, 0.1};
+  double p_update[2] = {1.0, -2.0}, v_update[2] = {0.5, 0.1};
+  double p_read[2] = {1.0, -2.0}, v_read[2] = {0.5, 0.1};
+  for (int i = 0; i < 2; ++i) {
+    const auto sq = msam_sgd_element<Pass::kSumOfSquares, true, false>(
+        MsamSgdRow<double>{p_read, g, v_read, nullptr}, i, step, k);
+    msam_sgd_element<Pass::kStep, true, false>(MsamSgdRow<double>{p_step, g, v_step, nullptr}, i, step, k);
+    const auto up = msam_sgd_element<Pass::kUpdate, true, false>(
+        MsamSgdRow<double>{p_update, g, v_update, nullptr}, i, step, k);
+    EXPECT(sq.direction == up.direction && sq.nonfinite == 0.0);
+    const double v_new = 0.9 * (i == 0 ? 0.5 : 0.1) + (g[i] / 2.0 + 1e-3 * (i == 0 ? 1.0 : -2.0));
+    EXPECT(near(v_update[i], v_new) && v_update[i] == v_step[i]);
+    const double w = (i == 0 ? 1.0 : -2.0) + 0.25 * (i == 0 ? 0.5 : 0.1) - 0.1 * v_new;
+    EXPECT(near(p_update[i], w));
+    perturb_element<false>(PerturbRow<double>{p_update, v_update, nullptr}, i, -0.75);
+    EXPECT(p_update[i] == p_step[i]);
+  }
+  EXPECT(p_read[0] == 1.0 && v_read[1] == 0.1);
+}
+
+// A parameter without a gradient keeps w and v and is re-perturbed with the new coefficient.
+void test_missing_gradient() {
+  const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
+  const PassCoefs<double> k{0.25, -0.75, 1.0, false};
+  double p[1] = {1.0}, v[1] = {0.5};
+  msam_sgd_element<Pass::kStep, false, false>(MsamSgdRow<double>{p, nullptr, v, nullptr}, 0, step, k);
+  EXPECT(v[0] == 0.5);
+  EXPECT(near(p[0], (1.0 + 0.25 * 0.5) - 0.75 * 0.5));
+}
+
+// With a master copy the master holds w, and the parameter only ever round(w - c * v).
+void test_master_weights() {
+  const MsamSgdStep<float> step{0.1f, 0.0f, 0.9f};
+  const PassCoefs<float> k{0.25f, -0.5f, 1.0f, false};
+  c10::BFloat16 p[1] = {c10::BFloat16(1.0f)};
+  const c10::BFloat16 g[1] = {c10::BFloat16(0.5f)};
+  float v[1] = {0.0f}, master[1] = {1.001f};
+  msam_sgd_element<Pass::kStep, true, true>(MsamSgdRow<c10::BFloat16>{p, g, v, master}, 0, step, k);
+  EXPECT(v[0] == 0.5f);
+  EXPECT(master[0] == 1.001f - 0.1f * 0.5f);
+  EXPECT(static_cast<float>(p[0]) == static_cast<float>(c10::BFloat16(master[0] - 0.5f * 0.5f)));
+}
+
+// at::vec vectors give the same bits as single elements (no fused multiply-adds either way).
+void test_vector_matches_scalar() {
+  using V = at::vec::Vectorized<float>;
+  const int n = V::size();
+  std::vector<float> p(n), g(n), v(n), pv(n), vv(n);
+  for (int i = 0; i < n; ++i) {
+    p[i] = 0.1f * i - 0.3f;
+    g[i] = 0.07f * i * i - 1.0f;
+    v[i] = 0.01f * i;
+  }
+  pv = p;
+  vv = v;
+  const MsamSgdStep<float> step{0.1f, 5e-4f, 0.9f};
+  const MsamSgdStep<V> vstep{V(0.1f), V(5e-4f), V(0.9f)};
+  const MsamSgdStep<V>& vs = vstep;
+  const V vp = V::loadu(pv.data()), vg = V::loadu(g.data()), vvold = V::loadu(vv.data());
+  const V vnew = vs.new_momentum(vp, vg, vvold);
+  const V wnew = vs.new_weight(shift(vp, V(0.2f), vvold), vnew);
+  float out_v[64], out_w[64];
+  vnew.store(out_v);
+  wnew.store(out_w);
+  for (int i = 0; i < n; ++i) {
+    const float v_new = step.new_momentum(p[i], g[i], v[i]);
+    EXPECT(out_v[i] == v_new);
+    EXPECT(out_w[i] == step.new_weight(shift(p[i], 0.2f, v[i]), v_new));
+  }
+}
+
+void test_segments() {
+  TensorTable table;
+  table.width = 1;
+  table.numels = {5, 0, 1, 12};
+  table.ptrs = {nullptr, nullptr, nullptr, nullptr};
+  const std::vector<Segment> s = table.segments(4);
+  // row 0: [0,4) [4,5); row 1 is empty; row 2: [0,1); row 3: [0,4) [4,8) [8,12)
+  EXPECT(s.size() == 6);
+  EXPECT(s[0].row == 0 && s[0].begin == 0 && s[0].end == 4);
+  EXPECT(s[1].row == 0 && s[1].begin == 4 && s[1].end == 5);
+  EXPECT(s[2].row == 2 && s[2].end == 1);
+  EXPECT(s[5].row == 3 && s[5].begin == 8 && s[5].end == 12);
+  EXPECT(ordered_sum({1.0, 2.0, 3.0}) == 6.0);
+}
+
+}  // namespace
+
+int main() {
+  test_msam_sgd_step();
+  test_adamw_msam_step();
+  test_perturbation_and_sam();
+  test_nonfinite_marker();
+  test_scalar_args();
+  test_passes_agree();
+  test_missing_gradient();
+  test_master_weights();
+  test_vector_matches_scalar();
+  test_segments();
+  if (failures) {
+    std::fprintf(stderr, "%d expectation(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all functor tests passed\n");
+  return 0;
+}

@@ -1,0 +1,252 @@
+"""The fused C++/CUDA kernels (``csrc/``) as the ``"cpu"`` and ``"cuda"`` backends.
+
+Thin wrappers over ``torch.ops.msam_fused.*`` with the signatures of ``msam_fused.reference``
+(see ``msam_fused/backends.py`` for the contract), plus a fake (meta) kernel per op so that
+the ops trace under ``torch.compile``. Each call handles one bucket with a constant number of
+kernel launches, whatever the number of tensors; coefficients, ``grad_scale`` and
+``found_inf`` are read by the kernels on the device.
+
+Options the kernels do not implement are refused with :class:`NotImplementedError`, never
+ignored.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+name = "fused"
+
+try:
+    from msam_fused import _C  # noqa: F401  (loading it registers torch.ops.msam_fused.*)
+except ImportError as err:
+    _LOAD_ERROR: Optional[ImportError] = err
+else:
+    _LOAD_ERROR = None
+
+BACKEND_FUNCTIONS = ("msam_sgd_update_", "adamw_msam_update_", "perturbation_coef",
+                     "apply_perturbation_", "remove_perturbation_", "sam_ascent_sum_of_squares",
+                     "sam_ascent_", "sam_restore_",
+                     # the one-pass step (see msam_fused/momentum_ascent.py)
+                     "msam_sgd_sum_of_squares", "msam_sgd_step_", "adamw_msam_sum_of_squares",
+                     "adamw_msam_step_")
+
+_cuda_reasons: dict = {}
+
+
+def unavailable_reason(kind: str) -> Optional[str]:
+    """Why backend ``kind`` ("cpu" or "cuda") cannot run here, or None if it can."""
+    if _LOAD_ERROR is not None:
+        return (f"the compiled extension msam_fused._C is not built ({_LOAD_ERROR}); build it with "
+                "`pip install --no-build-isolation -e .`")
+    if kind == "cpu":
+        return None
+    if kind != "cuda":
+        return f"unknown kind {kind!r}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("msam_fused::perturb_", "CUDA"):
+        return ("msam_fused._C was built without its CUDA kernels (no CUDA toolkit was found at "
+                "build time, or MSAM_FUSED_SKIP_CUDA_BUILD=1); rebuild with CUDA_HOME set")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    device = torch.cuda.current_device()
+    if device not in _cuda_reasons:
+        _cuda_reasons[device] = _probe_cuda(device)
+    return _cuda_reasons[device]
+
+
+def _probe_cuda(device: int) -> Optional[str]:
+    """Run the smallest kernel once: it fails if no image was compiled for this GPU."""
+    try:
+        one = torch.ones((), device=device)
+        torch.ops.msam_fused.perturbation_coef(one, 1.0, one, None)
+    except RuntimeError as err:
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"the CUDA kernels do not run on {torch.cuda.get_device_name(device)} (compute "
+                f"capability {major}.{minor}): {err}; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+    return None
+
+
+def backend(kind: str) -> types.SimpleNamespace:
+    """This module's functions under the backend name ``kind``."""
+    return types.SimpleNamespace(name=kind, **{f: globals()[f] for f in BACKEND_FUNCTIONS})
+
+
+# --------------------------------------------------------------------------- the contract
+def msam_sgd_update_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef,
+                     norm_dtype, grad_scale=None, found_inf=None, **options) -> Tensor:
+    _refuse(options, "msam_sgd_update_")
+    return _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_update_(
+        pick(params), pick(grads), pick(momenta), ms, lr, weight_decay, momentum, coef, norm_dtype,
+        grad_scale, found_inf))
+
+
+def adamw_msam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
+                       eps, weight_decay, coef, norm_dtype, grad_scale=None, found_inf=None,
+                       **options) -> Tensor:
+    _refuse(options, "adamw_msam_update_")
+    return _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_update_(
+        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
+        beta2, eps, weight_decay, coef, norm_dtype, grad_scale, found_inf))
+
+
+def msam_sgd_sum_of_squares(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
+                            grad_scale=None, **options) -> tuple[Tensor, Tensor]:
+    """Read-only first pass of the one-pass step: the sum of squares of the new momenta and a
+    0-d bool that is True when a gradient holds inf or NaN."""
+    _refuse(options, "msam_sgd_sum_of_squares")
+    return torch.ops.msam_fused.msam_sgd_sum_of_squares(list(params), list(grads), list(momenta),
+                                                       weight_decay, momentum, norm_dtype, grad_scale)
+
+
+def msam_sgd_step_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef_old,
+                   coef_new, grad_scale=None, found_inf=None, **options) -> None:
+    """The whole MSAM-SGD step in one pass: ``msam_sgd_update_`` with ``coef_old``, then
+    ``apply_perturbation_`` with ``coef_new``, without storing the true weights in between."""
+    _refuse(options, "msam_sgd_step_")
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_step_(
+        pick(params), pick(grads), pick(momenta), ms, lr, weight_decay, momentum, coef_old,
+        coef_new, grad_scale, found_inf))
+
+
+def adamw_msam_sum_of_squares(params, grads, exp_avgs, *, beta1, norm_dtype, grad_scale=None,
+                              **options) -> tuple[Tensor, Tensor]:
+    """Read-only first pass of the one-pass AdamW-MSAM step (reads only grads and exp_avgs)."""
+    _refuse(options, "adamw_msam_sum_of_squares")
+    return torch.ops.msam_fused.adamw_msam_sum_of_squares(list(params), list(grads), list(exp_avgs),
+                                                         beta1, norm_dtype, grad_scale)
+
+
+def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
+                     eps, weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None,
+                     **options) -> None:
+    _refuse(options, "adamw_msam_step_")
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_step_(
+        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
+        beta2, eps, weight_decay, coef_old, coef_new, grad_scale, found_inf))
+
+
+def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
+                      found_inf: Optional[Tensor] = None) -> Tensor:
+    return torch.ops.msam_fused.perturbation_coef(sum_of_squares, rho, coef_old, found_inf)
+
+
+def apply_perturbation_(params, directions, masters, *, coef, found_inf=None, **options) -> None:
+    _refuse(options, "apply_perturbation_")
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
+        pick(params), pick(directions), ms, coef, -1.0, found_inf))
+
+
+def remove_perturbation_(params, directions, masters, *, coef, **options) -> None:
+    _refuse(options, "remove_perturbation_")
+    # With a master copy the true weights are the master itself (alpha 0), else p + c * x.
+    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
+        pick(params), pick(directions), ms, coef, 0.0 if ms else 1.0, None))
+
+
+def sam_ascent_sum_of_squares(params, grads, *, adaptive, norm_dtype) -> Tensor:
+    return torch.ops.msam_fused.sam_ascent_sum_of_squares(list(params), list(grads), adaptive,
+                                                         norm_dtype)
+
+
+def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> None:
+    torch.ops.msam_fused.sam_ascent_(list(params), list(grads), list(backups), scale, adaptive,
+                                     found_inf)
+
+
+def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    torch._foreach_copy_(list(params), list(backups))
+
+
+def _refuse(options: dict, op: str) -> None:
+    if options:
+        raise NotImplementedError(
+            f"msam_fused: the fused kernels ({op}) do not implement {sorted(options)}; "
+            "use backend='reference' (or 'auto' on a device where it applies) for these options")
+
+
+def _sum_over_master_parts(masters, call):
+    """``call(pick, masters)`` once for the tensors with a master copy and once for those
+    without (normally the bucket is all one or the other); the sum of the results."""
+    present = [i for i, m in enumerate(masters) if m is not None]
+    if not present:
+        return call(list, [])
+    if len(present) == len(masters):
+        return call(list, list(masters))
+    absent = [i for i, m in enumerate(masters) if m is None]
+    with_masters = call(lambda xs: [xs[i] for i in present], [masters[i] for i in present])
+    without = call(lambda xs: [xs[i] for i in absent], [])
+    return without if with_masters is None else with_masters + without
+
+
+# ------------------------------------------------------------------------- fake kernels
+def _check_lists(op: str, params, **lists) -> None:
+    """The checks of the C++ ops that shapes alone decide (fake tensors have no data)."""
+    torch._check(len(params) > 0, lambda: f"msam_fused.{op}: params is empty")
+    device = params[0].device
+    for list_name, tensors in {"params": params, **lists}.items():
+        torch._check(len(tensors) in (0, len(params)) if list_name == "masters"
+                     else len(tensors) == len(params),
+                     lambda: f"msam_fused.{op}: {list_name} has {len(tensors)} tensors but params has "
+                             f"{len(params)}")
+        for i, t in enumerate(tensors):
+            torch._check(t is None or t.device == device,
+                         lambda: f"msam_fused.{op}: {list_name}[{i}] is on {t.device} but params[0] is "
+                                 f"on {device}; all tensors of one call must be on one device")
+
+
+if _LOAD_ERROR is None:
+    @torch.library.register_fake("msam_fused::msam_sgd_update_")
+    def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef, norm_dtype,
+          grad_scale=None, found_inf=None):
+        _check_lists("msam_sgd_update_", params, grads=grads, momenta=momenta, masters=masters)
+        return params[0].new_empty((), dtype=norm_dtype)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_sum_of_squares")
+    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_sum_of_squares", params, grads=grads, momenta=momenta)
+        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_step_")
+    def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef_old, coef_new,
+          grad_scale=None, found_inf=None):
+        _check_lists("msam_sgd_step_", params, grads=grads, momenta=momenta, masters=masters)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_sum_of_squares")
+    def _(params, grads, exp_avgs, beta1, norm_dtype, grad_scale=None):
+        _check_lists("adamw_msam_sum_of_squares", params, grads=grads, exp_avgs=exp_avgs)
+        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_step_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,
+          weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None):
+        _check_lists("adamw_msam_step_", params, grads=grads, exp_avgs=exp_avgs,
+                     exp_avg_sqs=exp_avg_sqs, steps=steps, masters=masters)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_update_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,
+          weight_decay, coef, norm_dtype, grad_scale=None, found_inf=None):
+        _check_lists("adamw_msam_update_", params, grads=grads, exp_avgs=exp_avgs,
+                     exp_avg_sqs=exp_avg_sqs, steps=steps, masters=masters)
+        return params[0].new_empty((), dtype=norm_dtype)
+
+    @torch.library.register_fake("msam_fused::perturbation_coef")
+    def _(sum_of_squares, rho, coef_old, found_inf=None):
+        torch._check(coef_old.numel() == 1, lambda: "msam_fused.perturbation_coef: coef_old must "
+                                                    "hold one element")
+        return coef_old.new_empty(())
+
+    @torch.library.register_fake("msam_fused::perturb_")
+    def _(params, directions, masters, coef, alpha, found_inf=None):
+        _check_lists("perturb_", params, directions=directions, masters=masters)
+
+    @torch.library.register_fake("msam_fused::sam_ascent_sum_of_squares")
+    def _(params, grads, adaptive, norm_dtype):
+        _check_lists("sam_ascent_sum_of_squares", params, grads=grads)
+        return params[0].new_empty((), dtype=norm_dtype)
+
+    @torch.library.register_fake("msam_fused::sam_ascent_")
+    def _(params, grads, backups, scale, adaptive, found_inf=None):
+        _check_lists("sam_ascent_", params, grads=grads, backups=backups)
