@@ -142,7 +142,7 @@ class OverlappedBackward:
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
                          for b in self._buckets.values() for p in b.params if p.requires_grad]
         if self._ddp is not None:
-            self._ddp.register_comm_hook(None, self._comm_hook)
+            self._ddp.register_comm_hook(self._ddp.process_group, self._comm_hook)
         optimizer._overlap = self
 
     # ---------------------------------------------------------------------------- public
@@ -307,15 +307,17 @@ class OverlappedBackward:
         # Runs after every hook and after DDP's own end-of-backward callback (see _end).
         torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
-    def _comm_hook(self, process_group, bucket) -> torch.futures.Future:
-        """DDP's default all-reduce (divide by the world size, sum), then the hidden pass on
-        the reduced gradients of this bucket's parameters."""
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    def _comm_hook(self, process_group, bucket):  # no annotations: DDP checks them as objects
+        """DDP's own reduction (scale by 1 / world size, as its built-in reduction does, then
+        sum over ranks), then the hidden pass on this bucket's reduced gradients."""
+        import torch.distributed as dist
 
-        reduced = allreduce_hook(process_group, bucket)
+        buffer = bucket.buffer()
+        buffer.mul_(1.0 / dist.get_world_size(process_group))
+        reduced = dist.all_reduce(buffer, group=process_group, async_op=True).get_future()
         if self._phase != "running" or self.optimizer._overlap is not self:
-            return reduced  # removed, paused, or a backward that runs no pass
-        return reduced.then(lambda fut: self._after_all_reduce(bucket, fut.value()))
+            return reduced.then(lambda fut: fut.value()[0])  # removed, paused, or under no_sync
+        return reduced.then(lambda fut: self._after_all_reduce(bucket, fut.value()[0]))
 
     def _after_all_reduce(self, bucket, buffer: Tensor) -> Tensor:
         rows_of: dict[tuple, list] = {}
