@@ -272,8 +272,13 @@ class MomentumAscentOptimizer(Optimizer):
         overlapped = self._overlap.take(where) if self._overlap is not None else None
         # The coefficients last applied, read before new parameters get (zero) state.
         stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
-        buckets, grads_at = self._collect_buckets(where)
+        if overlapped is not None:
+            buckets, grads_at = overlapped.buckets(where), []
+        else:
+            buckets, grads_at = self._collect_buckets(where)
         if not buckets:
+            if overlapped is not None:
+                overlapped.release()
             return loss
         norm_device = buckets[0].device
         norm_dtype = self._norm_dtype()
@@ -282,7 +287,6 @@ class MomentumAscentOptimizer(Optimizer):
         scaler_found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if overlapped is not None:
-            overlapped.attach(buckets)
             found_inf = overlapped.skip_flag(self.nonfinite, where, scaler_found_inf, norm_device)
             grad_scale = overlapped.grad_scale  # what the hidden pass divided by
         else:

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from msam_fused.momentum_ascent import Bucket
 from msam_fused.validation import ParamPlace, check_param_for_step
 
 HIDDEN_FUNCTIONS = ("segment_count", "msam_sgd_overlap_norm", "msam_sgd_overlap_stash_",
@@ -60,6 +61,9 @@ PENDING = (
 class ConsumedGradient(torch.Tensor):
     """Stands in for a gradient that the overlapped update consumed: same shape, dtype and
     device, no storage; every operation on it raises, saying why."""
+
+    # Reading its dtype, shape or device must not go through __torch_function__ (slow).
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
     def __new__(cls, param: Tensor):
@@ -92,6 +96,7 @@ class _Bucket:
     done: list = field(default_factory=list)
     hypers: Optional[tuple] = None  # (momentum, weight_decay) the hidden pass used
     sums: Optional[tuple] = None    # (sum of squares, non-finite flag)
+    plain: Any = None               # the plain step's Bucket, ready at the end of backward
 
     def reset(self) -> None:
         total = self.starts[-1] + self.counts[-1] if self.params else 0
@@ -99,7 +104,7 @@ class _Bucket:
         self.partials = torch.zeros((total, 2), dtype=torch.float64, device=device)
         self.grads = [None] * len(self.params)
         self.done = [False] * len(self.params)
-        self.hypers = self.sums = None
+        self.hypers = self.sums = self.plain = None
 
     def segment_rows(self, rows: list) -> Tensor | slice:
         """Where the partial sums of ``rows`` (ascending) go in ``partials``."""
@@ -138,6 +143,7 @@ class OverlappedBackward:
         self._paused = 0
         self._grad_scale: Optional[Tensor] = None
         self._placeholders: dict[int, ConsumedGradient] = {}
+        self._flag: Optional[Tensor] = None  # any gradient inf/NaN: set at the end of backward
         self._requeued = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
                          for b in self._buckets.values() for p in b.params if p.requires_grad]
@@ -196,19 +202,14 @@ class OverlappedBackward:
                     "opt.step()). This step's gradients were discarded; nothing was changed")
         return self
 
-    def attach(self, plain_buckets: list) -> None:
-        """Hand the plain step's buckets what backward prepared: the gradients (or stashes)
-        to read, and the bucket's sum of squares and non-finite flag."""
-        for pb in plain_buckets:
-            gi = next(i for i, g in enumerate(self.optimizer.param_groups) if g is pb.group)
-            b = self._buckets[(gi, pb.device, pb.params[0].dtype)]
-            rows = self._present_rows(b)
-            if [b.params[r] for r in rows] != [p for p in pb.params]:
-                raise RuntimeError("msam_fused: the parameters of a bucket changed between backward and "
-                                   "step(); nothing was changed")  # guarded by add_param_group
-            pb.grads = [b.grads[r] for r in rows]
-            pb.hidden = b.sums
-            pb.stashed = b.stashes
+    def buckets(self, where: str) -> list:
+        """The plain step's buckets (the same parameters, in the same order) with what backward
+        prepared: the gradients (or stashes) to read, and each bucket's sum of squares and
+        non-finite flag. The parameters were checked when their pass ran."""
+        out = [b.plain for b in self._buckets.values() if b.plain is not None]
+        for b in out:
+            self.optimizer.check_group(where, b.group)  # lr and rho are read from here on
+        return out
 
     @property
     def grad_scale(self) -> Optional[Tensor]:
@@ -220,7 +221,7 @@ class OverlappedBackward:
         hidden passes; with ``"raise"`` it is read here, and the update undone before raising."""
         if scaler_found_inf is not None:
             return scaler_found_inf
-        flag = self._nonfinite(device)
+        flag = self._flag.to(device, non_blocking=True)
         if policy == "skip":
             return flag
         if bool(flag):
@@ -391,19 +392,26 @@ class OverlappedBackward:
             if self._phase != "running":
                 return
             opt = self.optimizer
+            flag = None
             for b in self._buckets.values():
                 rows = [r for r in range(len(b.params)) if not b.done[r]]
                 if rows:
                     self._run_pass(b, rows, [b.params[r].grad for r in rows])
                 present = self._present_rows(b)
+                if not present:
+                    continue
                 partials = b.partials
                 if len(present) != len(b.params):  # skip the segments of absent rows
-                    partials = b.partials[b.segment_rows(present)] if present else partials[:0]
+                    partials = b.partials[b.segment_rows(present)]
                 b.sums = b.backend.sum_segment_partials(partials, opt._norm_dtype())
-            for b in self._buckets.values():
-                for r, p in enumerate(b.params):
+                flag = b.sums[1] if flag is None else flag | b.sums[1].to(flag.device, non_blocking=True)
+                params = [b.params[r] for r in present]
+                b.plain = Bucket(b.group, b.key[1], params, [b.grads[r] for r in present],
+                                 [opt.state[p] for p in params], b.backend, hidden=b.sums, stashed=b.stashes)
+                for r in present:
                     if b.grads[r] is not None:
-                        p.grad = self._placeholder(p)
+                        b.params[r].grad = self._placeholder(b.params[r])
+            self._flag = flag
             self._hand_flag_to_scaler()
             self._phase = "ready"
 
@@ -412,13 +420,6 @@ class OverlappedBackward:
         if placeholder is None:
             placeholder = self._placeholders[id(p)] = ConsumedGradient(p)
         return placeholder
-
-    def _nonfinite(self, device: torch.device) -> Tensor:
-        flag = torch.zeros((), dtype=torch.bool, device=device)
-        for b in self._buckets.values():
-            if b.sums is not None:
-                flag = flag | b.sums[1].to(device, non_blocking=True)
-        return flag
 
     def _hand_flag_to_scaler(self) -> None:
         """What ``scaler.unscale_(opt)`` would have recorded: the gradients are unscaled (the
@@ -430,17 +431,17 @@ class OverlappedBackward:
 
         state = self.scaler._per_optimizer_states[id(self.optimizer)]
         device = self._grad_scale.device
-        state["found_inf_per_device"] = {device: self._nonfinite(device).to(torch.float32)}
+        state["found_inf_per_device"] = {device: self._flag.to(device, torch.float32, non_blocking=True)}
         state["stage"] = OptState.UNSCALED
 
     # --------------------------------------------------------------------- end of update
     def _clear_gradients(self) -> None:
         for b in self._buckets.values():
             for r, p in enumerate(b.params):
-                if b.grads[r] is not None or isinstance(p.grad, ConsumedGradient):
+                if b.grads[r] is not None:
                     p.grad = None
             b.grads = [None] * len(b.params)
-            b.partials = b.sums = None
+            b.partials = b.sums = b.plain = None
 
     def _discard(self) -> None:
         if self._phase == "idle":
