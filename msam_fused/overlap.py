@@ -144,6 +144,7 @@ class OverlappedBackward:
         self._grad_scale: Optional[Tensor] = None
         self._placeholders: dict[int, ConsumedGradient] = {}
         self._flag: Optional[Tensor] = None  # any gradient inf/NaN: set at the end of backward
+        self._norm_dtype = optimizer._norm_dtype()
         self._requeued = False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
                          for b in self._buckets.values() for p in b.params if p.requires_grad]
@@ -305,6 +306,7 @@ class OverlappedBackward:
             chunk.waiting = len(chunk.rows)
         scale = self.scaler._scale if self.scaler is not None and self.scaler.is_enabled() else None
         self._grad_scale = scale
+        self._norm_dtype = self.optimizer._norm_dtype()
         # Runs after every hook and after DDP's own end-of-backward callback (see _end).
         torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
@@ -321,11 +323,11 @@ class OverlappedBackward:
         return reduced.then(lambda fut: self._after_all_reduce(bucket, fut.value()[0]))
 
     def _after_all_reduce(self, bucket, buffer: Tensor) -> Tensor:
-        rows_of: dict[tuple, list] = {}
+        rows_of: dict[tuple, list] = {}  # DDP's bucket may span several of ours
         for p, g in zip(bucket.parameters(), bucket.gradients()):
-            where = self._row_of.get(id(p))
-            if where is not None:
-                rows_of.setdefault(where[0].key, []).append((where[1], g))
+            if id(p) in self._row_of:
+                b, r = self._row_of[id(p)]
+                rows_of.setdefault(b.key, []).append((r, g))
         with self._lock:
             for key, pairs in rows_of.items():
                 pairs.sort(key=lambda pair: pair[0])
@@ -348,7 +350,7 @@ class OverlappedBackward:
         without = [r for r, g in zip(rows, grads) if g is None and opt.state.get(b.params[r])]
         for r, _ in with_grad:
             self._ensure_state(b, r)
-        common = dict(weight_decay=b.hypers[1], momentum=b.hypers[0], norm_dtype=opt._norm_dtype(),
+        common = dict(weight_decay=b.hypers[1], momentum=b.hypers[0], norm_dtype=self._norm_dtype,
                       grad_scale=None if self._grad_scale is None
                       else self._grad_scale.to(b.params[0].device, non_blocking=True))
         if with_grad:
@@ -381,7 +383,7 @@ class OverlappedBackward:
     def _end(self) -> None:
         """Engine callback at the end of backward: passes for rows whose chunk never completed
         (parameters without a gradient), the norms, the gradients swapped for placeholders."""
-        if self._ddp is not None and not getattr(self, "_requeued", False):
+        if self._ddp is not None and not self._requeued:
             # DDP writes the reduced gradients into p.grad in its own end-of-backward callback,
             # queued during backward, so after this one: go to the back of the queue once.
             self._requeued = True
@@ -403,7 +405,7 @@ class OverlappedBackward:
                 partials = b.partials
                 if len(present) != len(b.params):  # skip the segments of absent rows
                     partials = b.partials[b.segment_rows(present)]
-                b.sums = b.backend.sum_segment_partials(partials, opt._norm_dtype())
+                b.sums = b.backend.sum_segment_partials(partials, self._norm_dtype)
                 flag = b.sums[1] if flag is None else flag | b.sums[1].to(flag.device, non_blocking=True)
                 params = [b.params[r] for r in present]
                 b.plain = Bucket(b.group, b.key[1], params, [b.grads[r] for r in present],
@@ -425,7 +427,7 @@ class OverlappedBackward:
         """What ``scaler.unscale_(opt)`` would have recorded: the gradients are unscaled (the
         hidden pass divided by the scale) and whether any was inf/NaN. ``scaler.step(opt)``
         then hands that flag to step(), and ``scaler.update()`` adjusts the scale by it."""
-        if self.scaler is None or not self.scaler.is_enabled() or self._grad_scale is None:
+        if self.scaler is None or not self.scaler.is_enabled() or self._grad_scale is None or self._flag is None:
             return
         from torch.amp.grad_scaler import OptState
 
