@@ -59,6 +59,14 @@ def _unscaled(grad: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
     return g if grad_scale is None else g / grad_scale.to(device=g.device, dtype=g.dtype)
 
 
+def _new_momentum(p: Tensor, g: Tensor, v: Tensor, weight_decay: float, momentum: float,
+                  grad_scale: Optional[Tensor]) -> Tensor:
+    """SPEC §1 steps 1 and 3: ``v' = momentum * v + (g + weight_decay * p)``, in compute dtype."""
+    cd = compute_dtype(p.dtype)
+    d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
+    return momentum * v.to(cd) + d
+
+
 def _true_weights(p: Tensor, direction: Tensor, master: Optional[Tensor], coef: Tensor) -> Tensor:
     """``w``: the master copy, or the stored (perturbed) value plus ``c * direction``."""
     if master is not None:
@@ -113,8 +121,7 @@ def msam_sgd_update_(
         if g is None:
             v_new = v.to(cd)
         else:
-            d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
-            v_new = momentum * v.to(cd) + d
+            v_new = _new_momentum(p, g, v, weight_decay, momentum, grad_scale)
             w = w - lr * v_new
             _commit_(v, v_new, skip)
         stored = master if master is not None else p
@@ -205,13 +212,6 @@ def _partials(terms: Sequence[Tensor], grads: Sequence[Optional[Tensor]], norm_d
             marker = torch.where(torch.isfinite(g).all(), marker, float("nan"))
         rows.append(torch.stack([square_sum, marker]))
     return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=device)
-
-
-def _new_momentum(p: Tensor, g: Tensor, v: Tensor, weight_decay: float, momentum: float,
-                  grad_scale: Optional[Tensor]) -> Tensor:
-    cd = compute_dtype(p.dtype)
-    d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
-    return momentum * v.to(cd) + d
 
 
 def msam_sgd_overlap_norm(

@@ -265,6 +265,39 @@ def test_state_access_between_backward_and_step_is_refused():
         pass
 
 
+def test_activation_checkpointing_works_without_reentrant_backward_and_is_refused_with_it():
+    from torch.utils.checkpoint import checkpoint
+
+    def run(overlap, reentrant=None):
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)]
+        opt = msam_fused.MSAM([p for m in layers for p in m.parameters()], backend="cpu")
+        if overlap:
+            opt.overlap_backward(bucket_cap_mb=TINY_CAP_MB)
+        for step in range(3):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            body = lambda t: torch.tanh(layers[1](torch.tanh(layers[0](t))))  # noqa: E731
+            h = body(x) if reentrant is None else checkpoint(body, x, use_reentrant=reentrant)
+            layers[2](h).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for m in layers for p in m.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True, reentrant=False)))
+    with pytest.raises(RuntimeError, match="reentrant activation checkpointing"):
+        run(True, reentrant=True)
+
+
+def test_a_handed_over_grad_scaler_needs_no_unscale():
+    params, opt, _ = make(overlap=True, scaler=torch.amp.GradScaler("cpu"))
+    scaler = opt._overlap.scaler
+    backward(params, 0, scale=scaler)
+    with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+
+
 def test_a_backward_inside_unperturbed_runs_no_pass():
     params, opt, handle = make(overlap=True)
     train(params, opt, 2)
