@@ -97,6 +97,7 @@ class _Bucket:
     hypers: Optional[tuple] = None  # (momentum, weight_decay) the hidden pass used
     sums: Optional[tuple] = None    # (sum of squares, non-finite flag)
     plain: Any = None               # the plain step's Bucket, ready at the end of backward
+    indices: dict = field(default_factory=dict)  # segment_rows' index tensors
 
     def reset(self) -> None:
         total = self.starts[-1] + self.counts[-1] if self.params else 0
@@ -107,11 +108,16 @@ class _Bucket:
         self.hypers = self.sums = self.plain = None
 
     def segment_rows(self, rows: list) -> Tensor | slice:
-        """Where the partial sums of ``rows`` (ascending) go in ``partials``."""
+        """Where the partial sums of ``rows`` (ascending) go in ``partials``: a slice, or an
+        index tensor made once per set of rows (an upload from the host would wait for the
+        device, so it must not happen every step)."""
         if rows == list(range(rows[0], rows[-1] + 1)):
             return slice(self.starts[rows[0]], self.starts[rows[-1]] + self.counts[rows[-1]])
-        return torch.cat([torch.arange(self.starts[r], self.starts[r] + self.counts[r]) for r in rows]
-                         ).to(self.partials.device)
+        key = tuple(rows)
+        if key not in self.indices:
+            self.indices[key] = torch.cat([torch.arange(self.starts[r], self.starts[r] + self.counts[r])
+                                           for r in rows]).to(self.params[0].device)
+        return self.indices[key]
 
 
 @dataclass
