@@ -7,7 +7,8 @@
 #   build     the extension for the local GPU's architecture, in place (setup.py build_ext)
 #   tests     pytest -m gpu over tests/
 #   micro     bench/micro.py (model parameter sets and a synthetic sweep, every backend)
-#   speed     bench/speed_ratio.py on WRN-28-10, synthetic CIFAR shapes (the targets)
+#   speed     bench/speed_ratio.py on WRN-28-10, synthetic CIFAR shapes (the targets),
+#             MSAM's step overlapped with backward included
 #   vit       bench/speed_ratio.py on ViT-S/32 with AdamW, SAM-AdamW, AdamW-MSAM (bf16)
 #   torchrun  bench/speed_ratio.py under torchrun (DDP, one process per GPU)
 # Each step has a time limit and the suite goes on when one fails; suite.json records every
@@ -112,7 +113,7 @@ fi
 if wants speed; then
   # shellcheck disable=SC2086
   run_step speed "${SUITE_SPEED_TIMEOUT:-200}" "$PY" bench/speed_ratio.py --device "$DEVICE" \
-    ${SUITE_SPEED_ARGS:---model wrn-28-10 --batch-size 256 --rounds 5 --steps 3} \
+    ${SUITE_SPEED_ARGS:---model wrn-28-10 --batch-size 256 --rounds 5 --steps 3 --optimizers sgd,nag,sam,msam,msam-overlap} \
     --out "$OUT/speed-ratio-wrn.json"
 fi
 

@@ -6,6 +6,9 @@ sets of a given total size split into a given number of tensors) it times one ``
 * ``torch.optim.SGD`` (momentum) and ``AdamW``, each as for-loop, foreach and fused,
 * MSAM and AdamW-MSAM on every msam_fused backend available here (found at run time;
   ``reference`` is the per-tensor implementation in the authors' style),
+* MSAM with its first pass overlapped with backward (``msam-overlap``, ``MSAM.overlap_backward``):
+  the step timed is what is left after backward (the *exposed* time), and the backward's extra
+  time with the hidden pass is measured beside it,
 * SAM's perturbation and restore (``first_step`` + the return to ``w``, base step excluded),
 
 and reports the median and spread, the effective bandwidth (the minimal bytes the step must
@@ -46,10 +49,12 @@ MODEL_SETS = ("resnet50", "wrn-28-10", "wrn-16-4", "vit-s32")
 # second pass after the global norm (read p, v; write p); AdamW-MSAM likewise with m. SAM's
 # perturb and restore: read g for the norm, read p and g and write p for the ascent, and the
 # same again to return (or, equally, write and read back a copy of p).
+# MSAM overlapped with backward, after backward (fp32/fp64): read p, v' and v_old (kept in the
+# gradient's memory), write p; bf16/fp16 parameters keep the plain one-pass step (as SGD).
 TRAFFIC = {"sgd": (2, 1, 2), "adamw": (2, 1, 4), "msam": (4, 1, 3), "adamw-msam": (4, 1, 5),
-           "sam-perturb-restore": (4, 3, 0)}
+           "sam-perturb-restore": (4, 3, 0), "msam-overlap": (2, 1, 1)}
 BASELINE = {"sgd": "sgd", "msam": "sgd", "sam-perturb-restore": "sgd", "adamw": "adamw",
-            "adamw-msam": "adamw"}
+            "adamw-msam": "adamw", "msam-overlap": "sgd"}
 
 
 @dataclass
@@ -92,6 +97,48 @@ def _sam_step(backend: str):
     return make
 
 
+def _overlapped_msam_step(backend: str, **hyper):
+    """MSAM with ``overlap_backward``: ``step.prepare()`` runs a backward whose gradients are
+    the preset ones (loss ``sum <p, g>``), so the first pass runs in it; ``step()`` is what is
+    left after backward. ``step.backward_without_pass()`` is the same backward, paused."""
+    def make(params):
+        opt = msam_fused.MSAM(params, rho=0.3, backend=backend, **hyper)
+        handle = opt.overlap_backward()
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+
+        def backward():
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()
+
+        def backward_without_pass():
+            with handle.paused():
+                backward()
+            for p in params:
+                p.grad = None
+
+        step = opt.step
+        return _Prepared(step, backward, backward_without_pass)
+    return make
+
+
+class _Prepared:
+    """A step that needs ``prepare()`` (untimed) before each call."""
+
+    def __init__(self, step, prepare, backward_without_pass):
+        self.step, self.prepare, self.backward_without_pass = step, prepare, backward_without_pass
+
+    def __call__(self):
+        return self.step()
+
+
+def call_prepared(step) -> None:
+    """One call of ``step``, after its preparation if it has one."""
+    if isinstance(step, _Prepared):
+        step.prepare()
+    step()
+
+
 def cases(device: torch.device) -> tuple[list[Case], dict]:
     """Every implementation to time on ``device``, and why the missing backends are missing."""
     found = provenance.available_backends(device)
@@ -106,6 +153,7 @@ def cases(device: torch.device) -> tuple[list[Case], dict]:
         out.append(Case("msam", b, lambda params, b=b: msam_fused.MSAM(params, rho=0.3, backend=b, **sgd).step, True))
         out.append(Case("adamw-msam", b, lambda params, b=b: msam_fused.AdamWMSAM(params, rho=1.0, backend=b, **adamw).step, True))
         out.append(Case("sam-perturb-restore", b, _sam_step(b), True))
+        out.append(Case("msam-overlap", b, _overlapped_msam_step(b, **sgd), True))
     return out, {name: reason for name, reason in found.items() if reason}
 
 
@@ -155,8 +203,11 @@ def time_step(step: Callable, device: torch.device, warmup: int, repeats: int) -
     else CUDA events around each call. CPU: ``time.perf_counter`` around each call.
     """
     for _ in range(warmup):
-        step()
+        call_prepared(step)
     synchronize(device)
+    if isinstance(step, _Prepared):
+        return _prepared_times(step, device, repeats), "prepared, " + (
+            "cuda events" if device.type == "cuda" else "time.perf_counter")
     if device.type == "cuda":
         samples = _cuda_event_times(step, min(repeats, 5))
         try:
@@ -174,6 +225,41 @@ def time_step(step: Callable, device: torch.device, warmup: int, repeats: int) -
         step()
         samples.append(time.perf_counter() - t0)
     return samples, "time.perf_counter"
+
+
+def _prepared_times(step: "_Prepared", device: torch.device, repeats: int) -> list:
+    """Seconds per call of a step after its (untimed) preparation: on CUDA between events
+    recorded after the preparation's work and after the step's, so the GPU time the step
+    adds once backward is done."""
+    samples = []
+    for _ in range(repeats):
+        step.prepare()
+        if device.type == "cuda":
+            samples += _cuda_event_times(step, 1)
+        else:
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def hidden_work(step: "_Prepared", device: torch.device, repeats: int) -> dict:
+    """The backward with and without the overlapped pass, alternating: what the pass adds to
+    backward (on a CPU, or a GPU stream, it runs in line with the backward's own work)."""
+    def timed(fn) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    with_pass, without = [], []
+    for _ in range(repeats):
+        with_pass.append(timed(step.prepare))
+        step()  # applies the update, so that the next backward may run its pass
+        without.append(timed(step.backward_without_pass))
+    return {"backward_with_pass_s": summarize(with_pass), "backward_without_pass_s": summarize(without),
+            "hidden_s": statistics.median(with_pass) - statistics.median(without)}
 
 
 def _cuda_event_times(step: Callable, repeats: int) -> list:
@@ -209,7 +295,10 @@ def launches_per_step(step: Callable, device: torch.device, steps: int = 1) -> f
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
+    call_prepared(step)
+    if isinstance(step, _Prepared):
+        steps = 1
+        step.prepare()  # outside the profile: only what is left after backward counts
     synchronize(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -234,6 +323,8 @@ def make_params(shapes, device, dtype, seed: int = 0):
 
 
 def minimal_bytes(algorithm: str, numel: int, dtype: torch.dtype, state_fp32: bool) -> int:
+    if algorithm == "msam-overlap" and dtype in (torch.float16, torch.bfloat16):
+        algorithm = "sgd"  # the gradient cannot hold fp32 momenta: the plain one-pass step is left
     p_passes, g_passes, s_passes = TRAFFIC[algorithm]
     size = torch.empty((), dtype=dtype).element_size()
     state_size = 4 if state_fp32 and dtype in (torch.float16, torch.bfloat16) else size
@@ -257,8 +348,9 @@ def bench_set(set_name, shapes, all_cases, args, device, dtype, copy_bps) -> lis
         try:
             steps[case.label] = (case, case.make(params))
             for _ in range(args.warmup):
-                steps[case.label][1]()
-        except (RuntimeError, ValueError) as err:  # e.g. a fused torch optimizer this device lacks
+                call_prepared(steps[case.label][1])
+        except (RuntimeError, ValueError) as err:  # e.g. a fused torch optimizer this device
+            # lacks, or a backend without the overlapped step
             steps.pop(case.label, None)
             rows.append({"param_set": set_name, "algorithm": case.algorithm, "impl": case.impl,
                          "skipped": str(err).splitlines()[0]})
@@ -276,8 +368,12 @@ def bench_set(set_name, shapes, all_cases, args, device, dtype, copy_bps) -> lis
                      "time_s": stats, "minimal_bytes": moved, "gbps": moved / stats["median"] / 1e9,
                      "copy_fraction": moved / stats["median"] / copy_bps,
                      "launches_per_step": launches_per_step(step, device) if args.profile else None})
+        hidden = ""
+        if isinstance(step, _Prepared):
+            rows[-1].update(hidden_work(step, device, args.repeats))
+            hidden = f" (exposed; hidden in backward: {1e3 * rows[-1]['hidden_s']:.3f} ms)"
         print(f"{set_name:<22} {label:<32} {1e3 * stats['median']:>10.3f} ms "
-              f"{moved / stats['median'] / 1e9:>8.2f} GB/s", flush=True)
+              f"{moved / stats['median'] / 1e9:>8.2f} GB/s{hidden}", flush=True)
     add_ratios(rows)
     return rows
 
@@ -287,6 +383,8 @@ def interleaved_times(steps: dict, repeats: int) -> dict:
     samples = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
+            if isinstance(step, _Prepared):
+                step.prepare()  # the backward: not part of the step
             t0 = time.perf_counter()
             step()
             samples[label].append(time.perf_counter() - t0)

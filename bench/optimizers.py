@@ -1,7 +1,9 @@
 """The optimizers the benchmarks compare, built by name, and one training step for each kind.
 
 Names: ``sgd``, ``nag`` (SGD with Nesterov momentum), ``adamw``, ``sam`` / ``sam-nag`` /
-``sam-adamw`` (msam_fused.SAM around that base), ``msam``, ``adamw-msam``, and the paper's
+``sam-adamw`` (msam_fused.SAM around that base), ``msam``, ``msam-overlap`` (MSAM with its first
+pass run during backward, ``MSAM.overlap_backward``: see :func:`overlap_backward`),
+``adamw-msam``, and the paper's
 baselines ``looksam``, ``esam``, ``mesa`` (from ``msam_fused.variants``). The msam_fused
 optimizers take ``backend``; torch's own (and SAM's base) take ``torch_impl``: ``default``
 (torch decides), ``for-loop``, ``foreach`` or ``fused``. ``variant`` options (adaptive or
@@ -23,7 +25,8 @@ from msam_fused import variants
 from msam_fused.distributed import ASCENTS, DEFAULT_ASCENT, sam_step
 
 VARIANT_BASELINES = ("looksam", "esam", "mesa")
-OPTIMIZERS = ("sgd", "nag", "adamw", "sam", "sam-nag", "sam-adamw", "msam", "adamw-msam") + VARIANT_BASELINES
+OPTIMIZERS = ("sgd", "nag", "adamw", "sam", "sam-nag", "sam-adamw", "msam", "msam-overlap",
+              "adamw-msam") + VARIANT_BASELINES
 #: optimizers whose step is ``variants.train_step`` (no GradScaler, clipping or DDP there)
 VARIANT_STEP_TYPES = (variants.LookSAM, variants.ESAM, variants.MESA, variants.MultiStepSAM)
 TORCH_IMPLS = ("default", "for-loop", "foreach", "fused")
@@ -50,7 +53,7 @@ def base_of(name: str) -> str:
 
 
 def uses_msam_fused(name: str) -> bool:
-    return name.startswith("sam") or name.endswith("msam") or name in VARIANT_BASELINES
+    return name.startswith("sam") or "msam" in name or name in VARIANT_BASELINES
 
 
 def build_optimizer(name: str, model: nn.Module, hp: Hyper, *, backend: str = "auto",
@@ -65,7 +68,7 @@ def build_optimizer(name: str, model: nn.Module, hp: Hyper, *, backend: str = "a
         return _build_variant(name, model, hp, backend, dict(variant or {}), seed)
     params = model.parameters()
     impl = _IMPL_KWARGS[torch_impl]
-    if name == "msam":
+    if name in ("msam", "msam-overlap"):
         return msam_fused.MSAM(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
                                rho=hp.msam_rho, backend=backend)
     if name == "adamw-msam":
@@ -94,6 +97,18 @@ def _build_variant(name, model, hp: Hyper, backend, options: dict, seed):
         options["rho"] = hp.msam_rho if name.endswith("msam") else hp.sam_rho
     return variants.build(name, model, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
                           betas=hp.betas, eps=hp.eps, seed=seed, backend=backend, **options)
+
+
+def overlap_backward(name: str, opt, model: nn.Module, cfg: "StepConfig") -> None:
+    """For ``msam-overlap``: run MSAM's first pass during backward, on ``model`` as trained
+    (the DDP module under torchrun), with the step's GradScaler. Nothing for other names.
+    Gradient clipping is impossible then (the gradients are consumed during backward)."""
+    if name != "msam-overlap":
+        return
+    if cfg.clip_grad:
+        raise ValueError("msam-overlap consumes the gradients during backward, so they cannot be "
+                         "clipped; drop --clip-grad or use msam")
+    opt.overlap_backward(model, scaler=cfg.scaler)
 
 
 def optimizer_backend(opt) -> str:
@@ -146,7 +161,13 @@ def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: Ste
         loss = sam_step(distributed_model or model, opt, compute_loss, ascent=cfg.sam_ascent,
                         scaler=cfg.scaler, max_grad_norm=cfg.clip_grad or None)
         return loss, first_logits[0]
-    loss, logits = _forward_backward(model, x, y, cfg)
+    loss, logits = forward_backward(model, x, y, cfg)
+    optimizer_step(model, opt, cfg)
+    return loss.detach(), logits.detach()
+
+
+def optimizer_step(model: nn.Module, opt, cfg: StepConfig) -> None:
+    """What follows the backward of a one-pass optimizer: clipping, the (scaled) step, zero_grad."""
     if cfg.clip_grad:
         if cfg.scaler is not None:
             cfg.scaler.unscale_(opt)
@@ -157,7 +178,6 @@ def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, cfg: Ste
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach(), logits.detach()
 
 
 def _variant_step(model, opt, x, y, cfg: StepConfig):
@@ -175,7 +195,7 @@ def _variant_step(model, opt, x, y, cfg: StepConfig):
     return loss, full_batch_logits[0]
 
 
-def _forward_backward(model, x, y, cfg: StepConfig):
+def forward_backward(model, x, y, cfg: StepConfig):
     with cfg.autocast():
         logits = model(x)
         loss = cfg.loss_fn(logits, y)

@@ -25,15 +25,16 @@ def micro_tables(result: dict, path, sets=None) -> str:
             continue
         mine = [r for r in rows if r["param_set"] == name]
         out += [f"{name} ({mine[0]['numel'] / 1e6:.2f} M elements, {mine[0]['num_tensors']} tensors):", "",
-                "| step | median ms | p10-p90 ms | GB/s | of copy BW | launches | vs fastest torch |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| step | median ms | p10-p90 ms | GB/s | of copy BW | launches | vs fastest torch | hidden ms |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in mine:
             t = r["time_s"]
             launches = "-" if r["launches_per_step"] is None else f"{r['launches_per_step']:.0f}"
             vs = "-" if r.get("vs_fastest_torch") is None else f"{r['vs_fastest_torch']:.2f}x"
+            hidden = "-" if r.get("hidden_s") is None else f"{1e3 * r['hidden_s']:.2f}"
             out.append(f"| {r['algorithm']}[{r['impl']}] | {1e3 * t['median']:.2f} | "
                        f"{1e3 * t['p10']:.2f}-{1e3 * t['p90']:.2f} | {r['gbps']:.2f} | "
-                       f"{100 * r['copy_fraction']:.0f}% | {launches} | {vs} |")
+                       f"{100 * r['copy_fraction']:.0f}% | {launches} | {vs} | {hidden} |")
         out.append("")
     return "\n".join(out)
 
@@ -44,13 +45,14 @@ def speed_table(result: dict, path) -> str:
     memory = "peak memory" if kind == "peak_memory_bytes" else "optimizer state"
     out = [_header(result, path) + f"; {cfg['model']}, batch {cfg['batch_size']}, amp {cfg['amp']}, "
            f"{cfg['world_size']} process(es)", "",
-           f"| optimizer | images/s | vs base | step ms | {memory} MiB | vs base |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+           f"| optimizer | images/s | vs base | step ms | exposed ms | {memory} MiB | vs base |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, r in result["results"].items():
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         mem_ratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        exposed = "-" if r.get("exposed_step_s") is None else f"{1e3 * r['exposed_step_s']['median']:.2f}"
         out.append(f"| {label} | {r['images_per_s']:.1f} | {ratio} | "
-                   f"{1e3 * r['step_time_s']['median']:.1f} | {r[kind] / 2**20:.1f} | {mem_ratio} |")
+                   f"{1e3 * r['step_time_s']['median']:.1f} | {exposed} | {r[kind] / 2**20:.1f} | {mem_ratio} |")
     return "\n".join(out) + "\n"
 
 

@@ -1,12 +1,16 @@
 """Speed ratios of the paper's Table 1: images/s of SAM and MSAM relative to their base optimizer.
 
-SGD, NAG, SAM and MSAM (AdamW, SAM-AdamW and AdamW-MSAM for the ViT) train the same model
+SGD, NAG, SAM and MSAM (AdamW, SAM-AdamW and AdamW-MSAM for the ViT; ``msam-overlap`` on
+request: MSAM with its first pass run during backward) train the same model
 from the same initialisation on the same synthetic batch, in one process, back to back:
 after a warm-up, ``--rounds`` rounds each run ``--steps`` steps of every optimizer in turn,
 and images/s comes from the median round (interleaving makes load changes hit all alike).
 SAM and MSAM run on every msam_fused backend available here (found at run time). Memory:
 on CUDA the peak allocated during the optimizer's own warm-up steps (``max_memory_allocated``
-above what was allocated before it was built); everywhere the optimizer-state bytes.
+above what was allocated before it was built); everywhere the optimizer-state bytes. For the
+optimizers that take one backward per step it also reports the *exposed* step time: from the
+end of backward to the end of the step (CUDA events on a GPU), what the optimizer adds after
+backward.
 Prints the table, writes JSON (schema in docs/benchmarks.md) and a bar chart::
 
     python bench/speed_ratio.py --quick                      # CPU, a few minutes
@@ -36,8 +40,9 @@ from bench.checkpoint import write_json
 from bench.data import SyntheticData
 from bench.micro import summarize
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
-from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, Hyper, StepConfig, base_of,
-                              build_optimizer, optimizer_backend, train_step, uses_msam_fused)
+from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, VARIANT_STEP_TYPES, Hyper, StepConfig,
+                              base_of, build_optimizer, forward_backward, optimizer_backend,
+                              optimizer_step, overlap_backward, train_step, uses_msam_fused)
 
 SCHEMA = "msam-fused/speed-ratio/1"
 
@@ -72,7 +77,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 class Contender:
     """One optimizer training its own copy of the model."""
 
-    def __init__(self, name: str, backend: str, args, proc: ddp.Process, shape: ImageShape):
+    def __init__(self, name: str, backend: str, args, proc: ddp.Process, shape: ImageShape,
+                 cfg: StepConfig):
         torch.manual_seed(args.seed)
         self.name = name
         self.net = build_model(args.model, shape).to(proc.device)
@@ -83,21 +89,58 @@ class Contender:
                                    seed=args.seed)
         self.label = f"{name}[{optimizer_backend(self.opt)}]"
         self.ddp_model = ddp.wrap(self.net, proc, sync_bn=False)
+        overlap_backward(name, self.opt, self.ddp_model, cfg)
         self.model = torch.compile(self.ddp_model) if args.compile else self.ddp_model
 
     def steps(self, x, y, cfg: StepConfig, count: int) -> None:
         for _ in range(count):
             train_step(self.model, self.opt, x, y, cfg, self.ddp_model)
 
+    @property
+    def one_backward(self) -> bool:
+        """The step follows one backward (not SAM's two passes, nor a variant's own step)."""
+        return not isinstance(self.opt, (msam_fused.SAM, *VARIANT_STEP_TYPES))
 
-def contenders_for(name: str, args, proc, shape) -> list:
-    """One optimizer on every backend asked for (msam_fused ones: every available backend)."""
+    def exposed_step_times(self, x, y, cfg: StepConfig, count: int) -> list:
+        """Seconds from the end of backward to the end of the step: perf_counter on a CPU, CUDA
+        events recorded after the backward's work and after the step's on a GPU."""
+        cuda = x.device.type == "cuda"
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = []
+        for _ in range(count):
+            forward_backward(self.model, x, y, cfg)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                optimizer_step(self.model, self.opt, cfg)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                optimizer_step(self.model, self.opt, cfg)
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+def contenders_for(name: str, args, proc, shape, cfg: StepConfig) -> list:
+    """One optimizer on every backend asked for (msam_fused ones: every available backend;
+    msam-overlap: those that have its passes)."""
     if not uses_msam_fused(name):
-        return [Contender(name, "auto", args, proc, shape)]
+        return [Contender(name, "auto", args, proc, shape, cfg)]
     found = provenance.available_backends(proc.device)
     backends = [b for b, reason in found.items() if reason is None] if args.backends == "all" \
         else args.backends.split(",")
-    return [Contender(name, backend, args, proc, shape) for backend in backends]
+    out = []
+    for backend in backends:
+        try:
+            out.append(Contender(name, backend, args, proc, shape, cfg))
+        except NotImplementedError as err:  # a backend without the overlapped step
+            if args.backends != "all":
+                raise msam_fused.BackendUnavailableError(str(err)) from None
+            print(f"{name}[{backend}]: skipped: {err}", flush=True)
+    return out
 
 
 def measure(args, proc: ddp.Process) -> dict:
@@ -119,7 +162,7 @@ def measure(args, proc: ddp.Process) -> dict:
             torch.cuda.synchronize(proc.device)
             baseline = torch.cuda.memory_allocated(proc.device)
             torch.cuda.reset_peak_memory_stats(proc.device)
-        contenders += contenders_for(name, args, proc, shape)
+        contenders += contenders_for(name, args, proc, shape, cfg)
         for c in contenders[before:]:
             c.steps(x, y, cfg, args.warmup)
             peak = None
@@ -144,6 +187,9 @@ def measure(args, proc: ddp.Process) -> dict:
         step = summarize(times)
         rows[label]["step_time_s"] = step
         rows[label]["images_per_s"] = args.batch_size / step["median"]
+    for c in contenders:  # after the rounds, so that it cannot disturb them
+        rows[c.label]["exposed_step_s"] = summarize(c.exposed_step_times(
+            x, y, cfg, args.rounds)) if c.one_backward else None
     add_ratios(rows)
     return rows
 
@@ -159,11 +205,14 @@ def add_ratios(rows: dict) -> None:
 
 
 def table(rows: dict) -> str:
-    lines = [f"{'optimizer':<24} {'images/s':>10} {'vs base':>8} {'step ms':>9} {'memory MiB':>11} {'vs base':>8}"]
+    lines = [f"{'optimizer':<24} {'images/s':>10} {'vs base':>8} {'step ms':>9} {'exposed ms':>11} "
+             f"{'memory MiB':>11} {'vs base':>8}"]
     for label, r in rows.items():
         mem = r[r["memory_kind"]] / 2**20
+        exposed = "-" if r.get("exposed_step_s") is None else f"{1e3 * r['exposed_step_s']['median']:.2f}"
         lines.append(f"{label:<24} {r['images_per_s']:>10.1f} {_fmt(r['ratio']):>8} "
-                     f"{1e3 * r['step_time_s']['median']:>9.2f} {mem:>11.1f} {_fmt(r['memory_ratio']):>8}")
+                     f"{1e3 * r['step_time_s']['median']:>9.2f} {exposed:>11} {mem:>11.1f} "
+                     f"{_fmt(r['memory_ratio']):>8}")
     kind = next(iter(rows.values()))["memory_kind"]
     lines.append("memory: " + ("peak allocated (CUDA)" if kind == "peak_memory_bytes"
                                else "optimizer state (momenta, moments, SAM's weight copy)"))

@@ -43,7 +43,7 @@ from bench import checkpoint, ddp
 from bench.data import DATASETS, DataError, load_data
 from bench.models import ImageShape, build_model, check_model_name, natural_shape
 from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, VARIANT_STEP_TYPES, Hyper, StepConfig,
-                              base_of, build_optimizer, optimizer_backend, train_step)
+                              base_of, build_optimizer, optimizer_backend, overlap_backward, train_step)
 
 CHECKPOINT_FORMAT = 1
 
@@ -291,6 +291,10 @@ class Run:
             loss_fn=partial(nn.functional.cross_entropy, label_smoothing=args.label_smoothing),
             autocast=self.autocast, scaler=self.scaler, clip_grad=args.clip_grad,
             channels_last=args.channels_last, sam_ascent=args.sam_ascent)
+        try:
+            overlap_backward(name, self.opt, self.ddp_model, self.step_cfg)
+        except ValueError as err:
+            raise UsageError(f"--optimizer {name}: {err}") from None
         self.epoch, self.step = 0, 0                 # the data position: next batch to train on
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         self.history: list[dict] = []

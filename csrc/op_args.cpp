@@ -34,6 +34,16 @@ const char* op_name(Pass pass, const char* sum_of_squares, const char* update, c
   return pass == Pass::kSumOfSquares ? sum_of_squares : pass == Pass::kUpdate ? update : step;
 }
 
+const char* msam_sgd_op_name(Pass pass, bool partials) {
+  switch (pass) {
+    case Pass::kStash: return "msam_sgd_overlap_stash_";
+    case Pass::kFinish: return "msam_sgd_overlap_finish_";
+    default:
+      return partials ? "msam_sgd_overlap_norm"
+                      : op_name(pass, "msam_sgd_sum_of_squares", "msam_sgd_update_", "msam_sgd_step_");
+  }
+}
+
 const at::Tensor* optional_at(TensorList list, size_t i) {
   return list.empty() ? &kAbsent : &list[i];
 }
@@ -44,13 +54,22 @@ MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList
                           TensorList momenta, TensorList masters, double lr, double weight_decay,
                           double momentum, const OptionalTensor& coef_old,
                           const OptionalTensor& coef_new, at::ScalarType norm_dtype,
-                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
-  const char* op = op_name(pass, "msam_sgd_sum_of_squares", "msam_sgd_update_", "msam_sgd_step_");
-  const bool writes = pass != Pass::kSumOfSquares;
+                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                          bool partials) {
+  const char* op = msam_sgd_op_name(pass, partials);
+  const bool writes_params = pass == Pass::kUpdate || pass == Pass::kStep || pass == Pass::kFinish;
+  const bool overlapped = pass == Pass::kStash || pass == Pass::kFinish;
   TableBuilder b(op,
-                 {{"params", Role::kParam, writes}, {"grads", Role::kLikeParam, false},
-                  {"momenta", Role::kState, writes}, {"masters", Role::kMaster, writes}},
+                 {{"params", Role::kParam, writes_params},
+                  {overlapped && pass == Pass::kFinish ? "stashes" : "grads", Role::kLikeParam, pass == Pass::kStash},
+                  {"momenta", Role::kState, pass != Pass::kSumOfSquares},
+                  {"masters", Role::kMaster, writes_params}},
                  first_param(op, params));
+  if (overlapped && state_dtype(params[0].scalar_type()) != params[0].scalar_type()) {
+    b.fail(std::string("params have dtype ") + c10::toString(params[0].scalar_type()) +
+           "; the overlapped step keeps the old momentum in the gradient's memory, which needs "
+           "float32 or float64 parameters (their momenta have their dtype)");
+  }
   const size_t n = params.size();
   check_lengths(b, n, "grads", grads.size(), false);
   check_lengths(b, n, "momenta", momenta.size(), false);
@@ -154,6 +173,18 @@ SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
   args.scale = b.scalar("scale", scale, false);
   args.found_inf = b.scalar("found_inf", found_inf, true);
   return args;
+}
+
+void check_segment_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
+  auto fail = [](const std::string& m) { TORCH_CHECK(false, "msam_fused.sum_segment_partials: ", m); };
+  if (partials.scalar_type() != at::kDouble || partials.dim() != 2 || partials.size(1) != 2 ||
+      !partials.is_contiguous()) {
+    fail("partials must be a contiguous float64 tensor of shape [segments, 2] (what the overlapped "
+         "passes return)");
+  }
+  if (norm_dtype != at::kFloat && norm_dtype != at::kDouble) {
+    fail(std::string("norm_dtype must be float32 or float64, got ") + c10::toString(norm_dtype));
+  }
 }
 
 void check_perturbation_coef_args(const at::Tensor& sum_of_squares, double rho,

@@ -21,11 +21,14 @@ struct MsamSgdArgs {
   ScalarArg coef_old, coef_new, grad_scale, found_inf;
   at::ScalarType norm_dtype;
 };
+// For kFinish the grads column holds the stashes (the old momenta) kStash left there.
+// `partials`: the pass returns per-segment sums (only names the op in messages).
 MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList& grads,
                           TensorList momenta, TensorList masters, double lr, double weight_decay,
                           double momentum, const OptionalTensor& coef_old,
                           const OptionalTensor& coef_new, at::ScalarType norm_dtype,
-                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
+                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                          bool partials = false);
 
 // Columns: param, grad (optional), exp_avg, exp_avg_sq, master (optional), step.
 struct AdamwMsamArgs {
@@ -65,6 +68,9 @@ SamArgs sam_sum_of_squares_args(TensorList params, TensorList grads, bool adapti
                                 at::ScalarType norm_dtype);
 SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
                         const at::Tensor& scale, bool adaptive, const OptionalTensor& found_inf);
+
+// The per-segment sums of the overlapped passes: [segments, 2] float64, contiguous.
+void check_segment_partials(const at::Tensor& partials, at::ScalarType norm_dtype);
 
 // Finalize: checks the arguments of perturbation_coef.
 void check_perturbation_coef_args(const at::Tensor& sum_of_squares, double rho,

@@ -46,6 +46,45 @@ struct OpImpls {
     a.table.write_back();
   }
 
+  // The overlapped step (docs/overlap.md): passes that return per-segment partial sums,
+  // added up by sum_segment_partials in the order and arithmetic of the passes above.
+  static at::Tensor msam_sgd_overlap_norm(TensorList params, const OptionalTensorList& grads, TensorList momenta,
+                                          double weight_decay, double momentum, at::ScalarType norm_dtype,
+                                          const OptionalTensor& grad_scale) {
+    MsamSgdArgs a = msam_sgd_args(Pass::kSumOfSquares, params, grads, momenta, {}, 0.0, weight_decay, momentum,
+                                  {}, {}, norm_dtype, grad_scale, {}, /*partials=*/true);
+    at::Tensor partials = Device::msam_sgd_partials(Pass::kSumOfSquares, a);
+    a.table.write_back();
+    return partials;
+  }
+
+  static at::Tensor msam_sgd_overlap_stash(TensorList params, TensorList grads, TensorList momenta,
+                                           double weight_decay, double momentum, at::ScalarType norm_dtype,
+                                           const OptionalTensor& grad_scale) {
+    OptionalTensorList present;
+    present.reserve(grads.size());
+    for (const at::Tensor& g : grads) present.push_back(g);
+    MsamSgdArgs a = msam_sgd_args(Pass::kStash, params, present, momenta, {}, 0.0, weight_decay, momentum, {},
+                                  {}, norm_dtype, grad_scale, {}, /*partials=*/true);
+    at::Tensor partials = Device::msam_sgd_partials(Pass::kStash, a);
+    a.table.write_back();
+    return partials;
+  }
+
+  static void msam_sgd_overlap_finish(TensorList params, const OptionalTensorList& stashes, TensorList momenta,
+                                      double lr, const at::Tensor& coef_old, const at::Tensor& coef_new,
+                                      const OptionalTensor& found_inf) {
+    MsamSgdArgs a = msam_sgd_args(Pass::kFinish, params, stashes, momenta, {}, lr, 0.0, 0.0, coef_old, coef_new,
+                                  at::kFloat, {}, found_inf);
+    Device::msam_sgd(Pass::kFinish, a);
+    a.table.write_back();
+  }
+
+  static Sums2 sum_segment_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
+    check_segment_partials(partials, norm_dtype);
+    return Device::sum_partials(partials, norm_dtype);
+  }
+
   static Sums2 adamw_msam_sum_of_squares(TensorList params, const OptionalTensorList& grads,
                                          TensorList exp_avgs, double beta1, at::ScalarType norm_dtype,
                                          const OptionalTensor& grad_scale) {
@@ -108,6 +147,10 @@ struct OpImpls {
     m.impl("msam_sgd_sum_of_squares", &msam_sgd_sum_of_squares);
     m.impl("msam_sgd_update_", &msam_sgd_update);
     m.impl("msam_sgd_step_", &msam_sgd_step);
+    m.impl("msam_sgd_overlap_norm", &msam_sgd_overlap_norm);
+    m.impl("msam_sgd_overlap_stash_", &msam_sgd_overlap_stash);
+    m.impl("msam_sgd_overlap_finish_", &msam_sgd_overlap_finish);
+    m.impl("sum_segment_partials", &sum_segment_partials);
     m.impl("adamw_msam_sum_of_squares", &adamw_msam_sum_of_squares);
     m.impl("adamw_msam_update_", &adamw_msam_update);
     m.impl("adamw_msam_step_", &adamw_msam_step);

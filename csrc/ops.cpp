@@ -7,6 +7,17 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "kernel_types.h"
+
+namespace msam_fused {
+
+int64_t segment_length(c10::Device device) {
+  if (device.is_cpu()) return kCpuSegmentLength;
+  if (device.is_cuda()) return kCudaSegmentLength;
+  TORCH_CHECK(false, "msam_fused.segment_length: no kernels for device type ", device.type());
+}
+
+}  // namespace msam_fused
 
 TORCH_LIBRARY(msam_fused, m) {
   // MSAM-SGD (SPEC §1), in two passes either way:
@@ -27,6 +38,26 @@ TORCH_LIBRARY(msam_fused, m) {
       "msam_sgd_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] momenta, "
       "Tensor(c!)[] masters, float lr, float weight_decay, float momentum, Tensor coef_old, "
       "Tensor coef_new, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // MSAM-SGD overlapped with backward (docs/overlap.md), per bucket of parameters whose
+  // gradients are ready; each returns its per-segment sums, [segments, 2] float64 (squares of
+  // the new momenta, non-finite markers), and sum_segment_partials adds a bucket's partials
+  // exactly as the passes above add theirs, so the norm is bit for bit that of the plain step.
+  // * overlap_norm: the read-only first pass (any dtype);
+  // * overlap_stash_ (float32/float64): momenta = v' and the old momenta into the gradients
+  //   (consumed); then, once the norm is known, overlap_finish_ writes params from them, or,
+  //   when found_inf is set, puts the old momenta back.
+  m.def(
+      "msam_sgd_overlap_norm(Tensor[] params, Tensor?[] grads, Tensor[] momenta, float weight_decay, "
+      "float momentum, ScalarType norm_dtype, Tensor? grad_scale=None) -> Tensor");
+  m.def(
+      "msam_sgd_overlap_stash_(Tensor[] params, Tensor(a!)[] grads, Tensor(b!)[] momenta, "
+      "float weight_decay, float momentum, ScalarType norm_dtype, Tensor? grad_scale=None) -> Tensor");
+  m.def(
+      "msam_sgd_overlap_finish_(Tensor(a!)[] params, Tensor?[] stashes, Tensor(b!)[] momenta, float lr, "
+      "Tensor coef_old, Tensor coef_new, Tensor? found_inf=None) -> ()");
+  m.def("sum_segment_partials(Tensor partials, ScalarType norm_dtype) -> (Tensor, Tensor)");
+  // Elements per segment of the kernels for a device type ("cpu" or "cuda").
+  m.def("segment_length(Device device) -> int", &msam_fused::segment_length);
   // AdamW-MSAM, the same three; steps advance where a gradient exists.
   m.def(
       "adamw_msam_sum_of_squares(Tensor[] params, Tensor?[] grads, Tensor[] exp_avgs, "

@@ -48,7 +48,7 @@ MSAM_HD T unscaled(const T& g, const PassCoefs<T>& k) {
 template <typename P>
 struct MsamSgdRow {
   P* p;
-  const P* g;
+  P* g;  // written only by kStash, which moves the old momentum there
   state_t<P>* v;
   master_t* master;
 };
@@ -77,8 +77,8 @@ struct SamRow {
 };
 
 template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
-MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
-                                  const PassCoefs<T>& k) {
+MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+                                        const PassCoefs<T>& k) {
   using A = Access<T>;
   const T p_i = A::load(r.p + i);
   const T v_old = A::load(r.v + i);
@@ -101,6 +101,64 @@ MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamS
     }
   }
   return terms;
+}
+
+// The overlapped step's halves (kStash, kFinish; see Pass). Only for parameters whose state
+// has their own dtype (float32, float64; the ops refuse others), so the gradient's memory
+// holds the old momentum exactly. A row without a gradient is not stashed: its momentum
+// stays, v' = v_old, as in kStep.
+template <bool kHasGrad, typename T, typename P>
+MSAM_HD Terms<T> msam_sgd_stash_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+                                        const PassCoefs<T>& k) {
+  using A = Access<T>;
+  const T v_old = A::load(r.v + i);
+  Terms<T> terms{v_old, T(0)};
+  if constexpr (kHasGrad) {
+    const T g_raw = A::load(r.g + i);
+    terms.nonfinite = nonfinite_marker(g_raw);
+    terms.direction = step.new_momentum(A::load(r.p + i), unscaled(g_raw, k), v_old);
+    A::store(r.v + i, terms.direction);
+    A::store(r.g + i, v_old);
+  }
+  return terms;
+}
+
+// kFinish: the arithmetic of kStep with v' read back instead of recomputed.
+template <bool kHasGrad, typename T, typename P>
+MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+                                     const PassCoefs<T>& k) {
+  using A = Access<T>;
+  const T v_new = A::load(r.v + i);
+  const T v_old = kHasGrad ? A::load(r.g + i) : v_new;
+  const T w_old = shift(A::load(r.p + i), k.coef_old, v_old);
+  const T w = kHasGrad ? step.new_weight(w_old, v_new) : w_old;
+  A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
+}
+
+// A skipped overlapped step: the old momentum back from the gradient's memory, bit for bit.
+template <bool kHasGrad, typename T, typename P>
+MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P>& r, int64_t i) {
+  using A = Access<T>;
+  if constexpr (kHasGrad) A::store(r.v + i, A::load(r.g + i));
+}
+
+// One element of any MSAM-SGD pass; `skipped` matters only to kFinish (kernels that read
+// found_inf on the device decide per call; the other passes of a skipped step never run).
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
+MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+                                  const PassCoefs<T>& k, bool skipped = false) {
+  if constexpr (kPass == Pass::kStash) {
+    return msam_sgd_stash_element<kHasGrad>(r, i, step, k);
+  } else if constexpr (kPass == Pass::kFinish) {
+    if (skipped) {
+      msam_sgd_restore_element<kHasGrad, T>(r, i);
+    } else {
+      msam_sgd_finish_element<kHasGrad>(r, i, step, k);
+    }
+    return {};
+  } else {
+    return msam_sgd_plain_element<kPass, kHasGrad, kHasMaster>(r, i, step, k);
+  }
 }
 
 template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>

@@ -38,6 +38,12 @@ std::vector<Segment> TensorTable::segments(int64_t chunk) const {
   return out;
 }
 
+int64_t TensorTable::segment_count(int64_t chunk) const {
+  int64_t count = 0;
+  for (int64_t n : numels) count += (n + chunk - 1) / chunk;
+  return count;
+}
+
 void TensorTable::write_back() {
   for (auto& [original, temporary] : writebacks_) original.copy_(temporary);
   writebacks_.clear();

@@ -48,6 +48,7 @@ struct TensorTable {
   void* ptr(int64_t row, int col) const { return ptrs[row * width + col]; }
   // [begin, end) pieces of at most `chunk` elements, row by row, skipping empty rows.
   std::vector<Segment> segments(int64_t chunk) const;
+  int64_t segment_count(int64_t chunk) const;
   // Copies results computed in contiguous temporaries back into the caller's tensors (see
   // TableBuilder); call once the kernels have run.
   void write_back();

@@ -32,7 +32,10 @@ BACKEND_FUNCTIONS = ("msam_sgd_update_", "adamw_msam_update_", "perturbation_coe
                      "sam_ascent_", "sam_restore_",
                      # the one-pass step (see msam_fused/momentum_ascent.py)
                      "msam_sgd_sum_of_squares", "msam_sgd_step_", "adamw_msam_sum_of_squares",
-                     "adamw_msam_step_")
+                     "adamw_msam_step_",
+                     # MSAM-SGD overlapped with backward (see msam_fused/overlap.py)
+                     "segment_count", "msam_sgd_overlap_norm", "msam_sgd_overlap_stash_",
+                     "msam_sgd_overlap_finish_", "sum_segment_partials")
 
 _cuda_reasons: dict = {}
 
@@ -128,6 +131,34 @@ def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr
         beta2, eps, weight_decay, coef_old, coef_new, grad_scale, found_inf))
 
 
+def segment_count(numel: int, device: torch.device) -> int:
+    """How many partial sums the overlapped passes return for a tensor (one per segment)."""
+    length = _segment_length(torch.device(device).type)
+    return (numel + length - 1) // length
+
+
+def msam_sgd_overlap_norm(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
+                          grad_scale=None) -> Tensor:
+    return torch.ops.msam_fused.msam_sgd_overlap_norm(list(params), list(grads), list(momenta),
+                                                     weight_decay, momentum, norm_dtype, grad_scale)
+
+
+def msam_sgd_overlap_stash_(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
+                            grad_scale=None) -> Tensor:
+    return torch.ops.msam_fused.msam_sgd_overlap_stash_(list(params), list(grads), list(momenta),
+                                                       weight_decay, momentum, norm_dtype, grad_scale)
+
+
+def msam_sgd_overlap_finish_(params, stashes, momenta, *, lr, coef_old, coef_new,
+                             found_inf=None) -> None:
+    torch.ops.msam_fused.msam_sgd_overlap_finish_(list(params), list(stashes), list(momenta), lr,
+                                                  coef_old, coef_new, found_inf)
+
+
+def sum_segment_partials(partials: Tensor, norm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.ops.msam_fused.sum_segment_partials(partials, norm_dtype)
+
+
 def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
                       found_inf: Optional[Tensor] = None) -> Tensor:
     return torch.ops.msam_fused.perturbation_coef(sum_of_squares, rho, coef_old, found_inf)
@@ -181,6 +212,16 @@ def _sum_over_master_parts(masters, call):
     return without if with_masters is None else with_masters + without
 
 
+_segment_lengths: dict = {}
+
+
+def _segment_length(device_type: str) -> int:
+    """Elements per segment of the kernels for a device type (a constant of the build)."""
+    if device_type not in _segment_lengths:
+        _segment_lengths[device_type] = torch.ops.msam_fused.segment_length(torch.device(device_type))
+    return _segment_lengths[device_type]
+
+
 # ------------------------------------------------------------------------- fake kernels
 def _check_lists(op: str, params, **lists) -> None:
     """The checks of the C++ ops that shapes alone decide (fake tensors have no data)."""
@@ -213,6 +254,28 @@ if _LOAD_ERROR is None:
     def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef_old, coef_new,
           grad_scale=None, found_inf=None):
         _check_lists("msam_sgd_step_", params, grads=grads, momenta=momenta, masters=masters)
+
+    def _fake_partials(params):
+        segments = sum(segment_count(p.numel(), p.device) for p in params)
+        return params[0].new_empty((segments, 2), dtype=torch.float64)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_overlap_norm")
+    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_overlap_norm", params, grads=grads, momenta=momenta)
+        return _fake_partials(params)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_overlap_stash_")
+    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_overlap_stash_", params, grads=grads, momenta=momenta)
+        return _fake_partials(params)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_overlap_finish_")
+    def _(params, stashes, momenta, lr, coef_old, coef_new, found_inf=None):
+        _check_lists("msam_sgd_overlap_finish_", params, stashes=stashes, momenta=momenta)
+
+    @torch.library.register_fake("msam_fused::sum_segment_partials")
+    def _(partials, norm_dtype):
+        return partials.new_empty((), dtype=norm_dtype), partials.new_empty((), dtype=torch.bool)
 
     @torch.library.register_fake("msam_fused::adamw_msam_sum_of_squares")
     def _(params, grads, exp_avgs, beta1, norm_dtype, grad_scale=None):

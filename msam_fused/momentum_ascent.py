@@ -72,6 +72,11 @@ class Bucket:
     backend: Any = None
     norm_weight: float = 1.0  # what its sum of squares counts for in the global norm (sharding)
     sharded: bool = False     # params, grads and state are DTensors: hand the backend local shards
+    # Overlapped with backward (msam_fused/overlap.py): the first pass's (sum of squares,
+    # non-finite flag), computed during backward, and whether that pass stashed (then ``grads``
+    # hold the old momenta and the overlapped finish pass completes the step).
+    hidden: Optional[tuple] = None
+    stashed: bool = False
 
     def column(self, key: str) -> list:
         values = [state.get(key) for state in self.states]
@@ -120,6 +125,7 @@ class MomentumAscentOptimizer(Optimizer):
         self._skipped_steps: Optional[Tensor] = None
         self._unperturbed_depth = 0
         self._sharding: Optional[sharding.ShardLayout] = None  # set when parameters are DTensors
+        self._overlap = None  # msam_fused.overlap.OverlappedBackward, while one is registered
 
     def __setstate__(self, state: dict) -> None:  # deepcopy / pickle keep only torch's fields
         super().__setstate__(state)
@@ -169,6 +175,10 @@ class MomentumAscentOptimizer(Optimizer):
     # ------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
         where = type(self).__name__
+        if getattr(self, "_overlap", None) is not None:
+            raise RuntimeError(f"{where}.add_param_group: the step is overlapped with backward; call "
+                               "remove() on the handle overlap_backward() returned, add the group, and "
+                               "call overlap_backward() again")
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
@@ -258,27 +268,41 @@ class MomentumAscentOptimizer(Optimizer):
             raise RuntimeError(f"{where}() was called inside unperturbed(); leave the context first")
         if self._sharding is not None:
             self._sharding.check_alive(where)
+        # A backward that ran the first pass (overlap_backward) left the rest of the step.
+        overlapped = self._overlap.take(where) if self._overlap is not None else None
         # The coefficients last applied, read before new parameters get (zero) state.
         stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
-        buckets, grads_at = self._collect_buckets(where)
+        if overlapped is not None:
+            buckets, grads_at = overlapped.buckets(where), []
+        else:
+            buckets, grads_at = self._collect_buckets(where)
         if not buckets:
+            if overlapped is not None:
+                overlapped.release()
             return loss
         norm_device = buckets[0].device
         norm_dtype = self._norm_dtype()
         # A backend with the one-pass step folds the non-finite check into its first pass.
         one_pass = all(self._runs_one_pass(b) for b in buckets)
-        fold_check = one_pass and self.nonfinite == "skip"
-        found_inf = step_skip_flag(self.nonfinite, where, [] if fold_check else [g for g, _ in grads_at],
-                                   [place for _, place in grads_at], norm_device,
-                                   getattr(self, "found_inf", None), all_ranks=self._sharding)
+        scaler_found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
+        if overlapped is not None:
+            found_inf = overlapped.skip_flag(self.nonfinite, where, scaler_found_inf, norm_device)
+            grad_scale = overlapped.grad_scale  # what the hidden pass divided by
+        else:
+            fold_check = one_pass and self.nonfinite == "skip"
+            found_inf = step_skip_flag(self.nonfinite, where, [] if fold_check else [g for g, _ in grads_at],
+                                       [place for _, place in grads_at], norm_device, scaler_found_inf,
+                                       all_ranks=self._sharding)
         coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
                     else c.to(norm_device, non_blocking=True) for k, c in stored_coef.items()}
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         nonfinite = None
         for b in buckets:
             coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
-            if one_pass:
+            if b.hidden is not None:
+                sq, _ = b.hidden  # found_inf above already holds its flag
+            elif one_pass:
                 sq, bad = self._bucket_sum_of_squares(b, norm_dtype, _on(grad_scale, b.device))
                 bad = bad.to(norm_device, non_blocking=True)
                 nonfinite = bad if nonfinite is None else nonfinite | bad
@@ -291,7 +315,7 @@ class MomentumAscentOptimizer(Optimizer):
                 total = total + sq.to(norm_device, non_blocking=True)
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
-        if fold_check and found_inf is None:
+        if nonfinite is not None and found_inf is None and self.nonfinite == "skip":
             found_inf = nonfinite if self._sharding is None else self._sharding.any(nonfinite)
 
         norm_backend = self._backends[norm_device]
@@ -304,9 +328,11 @@ class MomentumAscentOptimizer(Optimizer):
                 coef_new[key] = norm_backend.perturbation_coef(total, rho, coef_old[key], found_inf)
         for b in buckets:
             coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
-            if one_pass:
-                self._step_bucket(b, coef_old[id(b.group)].to(b.device, non_blocking=True), coef,
-                                  _on(grad_scale, b.device), _on(found_inf, b.device))
+            old = coef_old[id(b.group)].to(b.device, non_blocking=True)
+            if b.stashed:
+                overlapped.finish(b, old, coef, _on(found_inf, b.device))
+            elif one_pass or b.hidden is not None:
+                self._step_bucket(b, old, coef, _on(grad_scale, b.device), _on(found_inf, b.device))
             # p = w - 0 * x is p = w, which the first pass left there unless w is a master copy
             elif perturbs(b.group) or any(m is not None for m in b.column("master_weight")):
                 b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
@@ -325,7 +351,22 @@ class MomentumAscentOptimizer(Optimizer):
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps.add_(skipped)
+        if overlapped is not None:
+            overlapped.release()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; after a backward that ran the overlapped first
+        pass (:meth:`~msam_fused.MSAM.overlap_backward`) it also undoes that pass."""
+        if self._overlap is not None:
+            self._overlap.discard()
+        super().zero_grad(set_to_none)
+
+    def _check_no_overlapped_update(self, where: str) -> None:
+        """Between a backward that ran the overlapped first pass and step(), the momenta hold
+        the new momenta already: nothing may read or replace the state then."""
+        if getattr(self, "_overlap", None) is not None:
+            self._overlap.check_idle(where)
 
     def _group_coef(self, group: dict) -> Optional[Tensor]:
         """The coefficient last applied to this group (None before its first step)."""
@@ -416,6 +457,7 @@ class MomentumAscentOptimizer(Optimizer):
             finally:
                 self._unperturbed_depth -= 1
             return
+        self._check_no_overlapped_update(f"{type(self).__name__}.unperturbed")
         buckets = self._perturbed_buckets()
         saved = [[p.detach().clone() for p in b.params] for b in buckets]
         with torch.no_grad():
@@ -440,6 +482,7 @@ class MomentumAscentOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        self._check_no_overlapped_update(f"{type(self).__name__}.state_dict")
         sd = super().state_dict()
         sd["msam_fused"] = {
             "optimizer": type(self).__name__,
@@ -455,6 +498,7 @@ class MomentumAscentOptimizer(Optimizer):
         Everything is checked first; a state dict from another optimizer or model raises and
         leaves this optimizer untouched.
         """
+        self._check_no_overlapped_update(f"{type(self).__name__}.load_state_dict")
         state_dict = dict(state_dict)
         tag = state_dict.pop("msam_fused", None)
         self._check_loadable(state_dict, tag)

@@ -59,6 +59,14 @@ def _unscaled(grad: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
     return g if grad_scale is None else g / grad_scale.to(device=g.device, dtype=g.dtype)
 
 
+def _new_momentum(p: Tensor, g: Tensor, v: Tensor, weight_decay: float, momentum: float,
+                  grad_scale: Optional[Tensor]) -> Tensor:
+    """SPEC §1 steps 1 and 3: ``v' = momentum * v + (g + weight_decay * p)``, in compute dtype."""
+    cd = compute_dtype(p.dtype)
+    d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
+    return momentum * v.to(cd) + d
+
+
 def _true_weights(p: Tensor, direction: Tensor, master: Optional[Tensor], coef: Tensor) -> Tensor:
     """``w``: the master copy, or the stored (perturbed) value plus ``c * direction``."""
     if master is not None:
@@ -113,8 +121,7 @@ def msam_sgd_update_(
         if g is None:
             v_new = v.to(cd)
         else:
-            d = _unscaled(g, grad_scale) + weight_decay * p.to(cd)
-            v_new = momentum * v.to(cd) + d
+            v_new = _new_momentum(p, g, v, weight_decay, momentum, grad_scale)
             w = w - lr * v_new
             _commit_(v, v_new, skip)
         stored = master if master is not None else p
@@ -175,6 +182,117 @@ def adamw_msam_update_(
         _commit_(stored, w, skip)
         terms.append(_norm_term(m_new, w, stored, adaptive))
     return _sum_of_squares(terms, norm_dtype, device)
+
+
+# ------------------------------------------------------------- MSAM-SGD overlapped with backward
+# The first pass of a step runs during backward, a few tensors at a time, as their gradients
+# become ready (msam_fused/overlap.py, docs/overlap.md). Each call returns *partial sums*: a
+# float64 tensor [segments, 2] holding, per segment, the sum of squares of the new momentum and
+# a non-finite marker (0, or NaN when a gradient entry is inf or NaN). The optimizer puts them
+# in the order the plain step would have summed them, and ``sum_segment_partials`` adds them
+# up as that step does, so the global norm does not depend on when the gradients arrived.
+# Here a segment is a whole tensor, summed in norm_dtype, and the sum is a fold in norm_dtype
+# (as msam_sgd_update_ sums); the fused kernels cut tensors into fixed segments.
+
+
+def segment_count(numel: int, device: torch.device) -> int:
+    """How many partial sums the overlapped passes return for a tensor of ``numel`` elements."""
+    return 1 if numel else 0
+
+
+def _partials(terms: Sequence[Tensor], grads: Sequence[Optional[Tensor]], norm_dtype: torch.dtype,
+              device) -> Tensor:
+    rows = []
+    for t, g in zip(terms, grads):
+        if t.numel() == 0:
+            continue
+        square_sum = t.to(norm_dtype).square().sum().to(torch.float64)
+        marker = torch.zeros((), dtype=torch.float64, device=device)
+        if g is not None:
+            marker = torch.where(torch.isfinite(g).all(), marker, float("nan"))
+        rows.append(torch.stack([square_sum, marker]))
+    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=device)
+
+
+def msam_sgd_overlap_norm(
+    params: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
+    momenta: Sequence[Tensor],
+    *,
+    weight_decay: float,
+    momentum: float,
+    norm_dtype: torch.dtype,
+    grad_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """The overlapped first pass that only reads: partial sums of the new momenta (those of
+    ``msam_sgd_update_``; a ``None`` gradient keeps the momentum)."""
+    terms = [v.to(compute_dtype(p.dtype)) if g is None else
+             _new_momentum(p, g, v, weight_decay, momentum, grad_scale)
+             for p, g, v in zip(params, grads, momenta)]
+    return _partials(terms, grads, norm_dtype, params[0].device)
+
+
+def msam_sgd_overlap_stash_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    *,
+    weight_decay: float,
+    momentum: float,
+    norm_dtype: torch.dtype,
+    grad_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """The overlapped first pass that writes, for float32/float64 parameters: ``v = v'`` (the
+    new momentum, SPEC §1 step 3) and the old momentum into the gradient's memory (the gradient
+    is consumed; its dtype holds the momentum exactly). Returns the partial sums of ``v'``.
+    :func:`msam_sgd_overlap_finish_` completes the step, or undoes this one."""
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(f"msam_sgd_overlap_stash_: {p.dtype} parameters have float32 momenta, "
+                             "which their gradients cannot hold; use msam_sgd_overlap_norm")
+    terms = [_new_momentum(p, g, v, weight_decay, momentum, grad_scale)
+             for p, g, v in zip(params, grads, momenta)]
+    partials = _partials(terms, grads, norm_dtype, params[0].device)  # reads g before it is overwritten
+    for g, v, v_new in zip(grads, momenta, terms):
+        g.copy_(v)
+        v.copy_(v_new)
+    return partials
+
+
+def msam_sgd_overlap_finish_(
+    params: Sequence[Tensor],
+    stashes: Sequence[Optional[Tensor]],
+    momenta: Sequence[Tensor],
+    *,
+    lr: float,
+    coef_old: Tensor,
+    coef_new: Tensor,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """The rest of a step after :func:`msam_sgd_overlap_stash_` and the global norm: with
+    ``v' = momenta`` and ``v_old = stashes`` (``None``: that parameter had no gradient and its
+    momentum stayed), ``p = (p + coef_old v_old) - lr v' - coef_new v'`` (SPEC §1 steps 2, 4,
+    6). A skipped step (``found_inf``) puts ``v_old`` back and leaves ``p``: bit for bit the
+    state before the stash."""
+    skip = _skip_mask(found_inf, params[0].device)
+    for p, v_old, v in zip(params, stashes, momenta):
+        cd = compute_dtype(p.dtype)
+        v_new = v.to(cd)
+        w = _true_weights(p, v_new if v_old is None else v_old, None, coef_old)
+        if v_old is not None:
+            w = w - lr * v_new
+            if skip is not None:
+                v.copy_(torch.where(skip, v_old, v))
+        _commit_(p, w - coef_new.to(cd) * v_new, skip)
+
+
+def sum_segment_partials(partials: Tensor, norm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A bucket's sum of squares (in ``norm_dtype``) and non-finite flag from the partial sums
+    of its tensors, in tensor order."""
+    total = torch.zeros((), dtype=norm_dtype, device=partials.device)
+    for square_sum in partials[:, 0]:
+        total = total + square_sum.to(norm_dtype)
+    return total, partials[:, 1].sum().isnan()
 
 
 def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,

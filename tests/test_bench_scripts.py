@@ -161,3 +161,29 @@ def test_micro_and_speed_ratio_on_cuda(tmp_path):
     result = speed_ratio.main(TINY_SPEED[:-2] + ["--device", "cuda", "--out", str(tmp_path / "s.json")])
     for row in result["results"].values():
         assert row["memory_kind"] == "peak_memory_bytes" and row["peak_memory_bytes"] > 0
+
+
+def test_overlapped_msam_reports_exposed_and_hidden_time(tmp_path):
+    needs = "cpu" if "cpu" in available_here() else "reference"
+    result = micro.main(TINY_MICRO + ["--only", f"msam-overlap[{needs}]", "--no-profile",
+                                      "--out", str(tmp_path / "m.json")])
+    rows = [r for r in result["results"] if "time_s" in r]
+    assert rows and all(r["algorithm"] == "msam-overlap" for r in rows)
+    for r in rows:
+        assert r["backward_with_pass_s"]["median"] > 0 and isinstance(r["hidden_s"], float)
+    assert micro.minimal_bytes("msam-overlap", 10, torch.float32, True) == 4 * 4 * 10
+    speed = speed_ratio.main(TINY_SPEED + ["--optimizers", "sgd,sam,msam-overlap", "--backends", needs,
+                                           "--out", str(tmp_path / "s.json")])["results"]
+    assert speed[f"msam-overlap[{needs}]"]["exposed_step_s"]["median"] > 0
+    assert speed["sgd[fused]"]["exposed_step_s"]["median"] > 0
+    assert speed[f"sam[{needs}]"]["exposed_step_s"] is None  # two backward passes: no such time
+    assert "| msam-overlap" in report.main([str(tmp_path / "s.json")])
+
+
+def test_overlapped_msam_refuses_gradient_clipping():
+    from bench.optimizers import Hyper, StepConfig, build_optimizer, overlap_backward
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer("msam-overlap", model, Hyper(), backend="reference")
+    with pytest.raises(ValueError, match="cannot be clipped"):
+        overlap_backward("msam-overlap", opt, model, StepConfig(clip_grad=1.0))

@@ -23,11 +23,13 @@ struct Sums {
 struct PassScalars {
   double coef_old = 0.0, coef_new = 0.0, grad_scale = 1.0;
   bool unscale = false;  // a grad_scale was given
+  bool skipped = false;  // found_inf is set (kFinish then restores instead)
 };
 
 struct Kernels {
   const char* capability;
-  Sums (*msam_sgd)(Pass pass, const MsamSgdArgs& a, const PassScalars& k);
+  // partials (optional): two doubles per segment (see Sums), in segment order.
+  Sums (*msam_sgd)(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials);
   // bias: per row, the AdamW bias corrections at the row's new step count.
   Sums (*adamw_msam)(Pass pass, const AdamwMsamArgs& a, const PassScalars& k,
                      const std::vector<AdamBias>& bias);

@@ -57,7 +57,7 @@ struct Access<at::vec::Vectorized<C>> {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-constexpr int64_t kChunk = int64_t{1} << 15;  // elements per segment
+constexpr int64_t kChunk = kCpuSegmentLength;  // elements per segment
 constexpr int kRun = 32;  // vectors summed in compute precision before going to double
 constexpr int64_t kPrefetchAhead = 512;  // elements: a few KB ahead of each stream
 
@@ -136,8 +136,9 @@ Sums run_elements(int64_t begin, int64_t end, const Element& element, const Stre
 // Runs segment_sums(segment) -> Sums on every segment in parallel; the sums in segment order.
 // Threads claim segments one at a time, so a thread that the OS preempts (a busy machine)
 // holds up only its current segment; each result still lands in its segment's slot.
+// `partials` (optional) receives each segment's (squares, nonfinite).
 template <typename SegmentFn>
-Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums) {
+Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums, double* partials = nullptr) {
   const std::vector<Segment> segments = table.segments(kChunk);
   const int64_t n = static_cast<int64_t>(segments.size());
   std::vector<double> squares(n, 0.0), nonfinite(n, 0.0);
@@ -147,6 +148,10 @@ Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums) 
       const Sums s = segment_sums(segments[k]);
       squares[k] = s.squares;
       nonfinite[k] = s.nonfinite;
+      if (partials != nullptr) {
+        partials[2 * k] = s.squares;
+        partials[2 * k + 1] = s.nonfinite;
+      }
     }
   });
   return {ordered_sum(squares), ordered_sum(nonfinite)};
@@ -155,7 +160,7 @@ Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums) 
 // Runs segment(s, has_grad, has_master) on every segment, with the two flags of the
 // segment's row as compile-time constants.
 template <typename Args, typename SegmentFn>
-Sums parallel_rows(const Args& a, const SegmentFn& segment) {
+Sums parallel_rows(const Args& a, const SegmentFn& segment, double* partials = nullptr) {
   return parallel_segments(a.table, [&](const Segment& s) {
     const bool has_grad = a.table.ptr(s.row, Args::kGrad) != nullptr;
     const bool has_master = a.table.ptr(s.row, Args::kMaster) != nullptr;
@@ -163,7 +168,7 @@ Sums parallel_rows(const Args& a, const SegmentFn& segment) {
     if (has_grad) return segment(s, std::true_type{}, std::false_type{});
     if (has_master) return segment(s, std::false_type{}, std::true_type{});
     return segment(s, std::false_type{}, std::false_type{});
-  });
+  }, partials);
 }
 
 template <typename T>
@@ -209,9 +214,9 @@ Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars&
   const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
   const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
-    return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
+    return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag), scalars.skipped);
   };
-  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.p, row.g, row.v);
+  return run_elements<C, sums_terms(kPass)>(s.begin, s.end, element, row.p, row.g, row.v);
 }
 
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
@@ -230,17 +235,17 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
   auto element = [&](auto tag, int64_t i) {
     return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
   };
-  return run_elements<C, kPass != Pass::kStep>(s.begin, s.end, element, row.g, row.m);
+  return run_elements<C, sums_terms(kPass)>(s.begin, s.end, element, row.g, row.m);
 }
 
 template <Pass kPass>
-Sums msam_sgd_pass(const MsamSgdArgs& a, const PassScalars& k) {
+Sums msam_sgd_pass(const MsamSgdArgs& a, const PassScalars& k, double* partials) {
   Sums total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
     total = parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
       return msam_sgd_segment<kPass, scalar_t, decltype(has_grad)::value, decltype(has_master)::value>(
           a, s, k);
-    });
+    }, partials);
   });
   return total;
 }
@@ -257,11 +262,13 @@ Sums adamw_msam_pass(const AdamwMsamArgs& a, const PassScalars& k, const std::ve
   return total;
 }
 
-Sums msam_sgd_kernel(Pass pass, const MsamSgdArgs& a, const PassScalars& k) {
+Sums msam_sgd_kernel(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials) {
   switch (pass) {
-    case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a, k);
-    case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a, k);
-    default: return msam_sgd_pass<Pass::kStep>(a, k);
+    case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a, k, partials);
+    case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a, k, partials);
+    case Pass::kStash: return msam_sgd_pass<Pass::kStash>(a, k, partials);
+    case Pass::kFinish: return msam_sgd_pass<Pass::kFinish>(a, k, partials);
+    default: return msam_sgd_pass<Pass::kStep>(a, k, partials);
   }
 }
 

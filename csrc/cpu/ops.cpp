@@ -47,7 +47,7 @@ namespace {
 template <typename Args>
 PassScalars pass_scalars(const Args& a) {
   return {read_scalar(a.coef_old, 0.0), read_scalar(a.coef_new, 0.0), read_scalar(a.grad_scale, 1.0),
-          a.grad_scale.kind != ScalarKind::kAbsent};
+          a.grad_scale.kind != ScalarKind::kAbsent, step_skipped(a.found_inf)};
 }
 
 // What a CPU pass summed, as the op's result tensors.
@@ -61,11 +61,33 @@ struct HostSums {
   }
 };
 
-// The CPU passes for OpImpls. A skipped step (found_inf set) returns before any kernel runs.
+// The CPU passes for OpImpls. A skipped step (found_inf set) returns before any kernel runs,
+// except kFinish, which then puts the stashed momenta back.
 struct Cpu {
   static HostSums msam_sgd(Pass pass, const MsamSgdArgs& a) {
-    if (pass != Pass::kSumOfSquares && step_skipped(a.found_inf)) return {{}, a.table.device};
-    return {kernels().msam_sgd(pass, a, pass_scalars(a)), a.table.device};
+    if (pass != Pass::kSumOfSquares && pass != Pass::kFinish && step_skipped(a.found_inf)) {
+      return {{}, a.table.device};
+    }
+    return {kernels().msam_sgd(pass, a, pass_scalars(a), nullptr), a.table.device};
+  }
+
+  // A summing pass that returns its per-segment sums, [segments, 2] float64, in segment order.
+  static at::Tensor msam_sgd_partials(Pass pass, const MsamSgdArgs& a) {
+    at::Tensor partials = at::empty({a.table.segment_count(kCpuSegmentLength), 2},
+                                    at::TensorOptions().dtype(at::kDouble).device(a.table.device));
+    kernels().msam_sgd(pass, a, pass_scalars(a), partials.data_ptr<double>());
+    return partials;
+  }
+
+  // The sums a pass returns, from its partials: the same order and arithmetic as the pass.
+  static std::tuple<at::Tensor, at::Tensor> sum_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
+    const double* data = partials.data_ptr<double>();
+    std::vector<double> squares(partials.size(0)), nonfinite(partials.size(0));
+    for (int64_t k = 0; k < partials.size(0); ++k) {
+      squares[k] = data[2 * k];
+      nonfinite[k] = data[2 * k + 1];
+    }
+    return HostSums{{ordered_sum(squares), ordered_sum(nonfinite)}, partials.device()}.result(norm_dtype);
   }
 
   // Passes that write advance the step counts of rows with a gradient, after reading them

@@ -24,7 +24,7 @@ namespace msam_fused::cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int64_t kChunk = 16 * 1024;  // elements per block
+constexpr int64_t kChunk = kCudaSegmentLength;  // elements per block
 constexpr int kSumThreads = 1024;      // the block that adds up the slots
 
 // ----------------------------------------------------------------------- device helpers
@@ -126,19 +126,21 @@ __global__ void __launch_bounds__(kThreads) msam_sgd_kernel(DeviceTable t, MsamS
                                                             PassScalars s, double* slots) {
   using C = compute_t<P>;
   using A = MsamSgdArgs;
-  if (kPass != Pass::kSumOfSquares && step_skipped(s.found_inf)) return;
+  // A skipped step writes nothing, except that kFinish puts the stashed momenta back.
+  const bool skipped = step_skipped(s.found_inf);
+  if (skipped && kPass != Pass::kSumOfSquares && kPass != Pass::kFinish) return;
   const BlockTask task = block_task(t, A::kWidth);
-  const MsamSgdRow<P> row{column<P>(task, A::kParam), column<const P>(task, A::kGrad),
+  const MsamSgdRow<P> row{column<P>(task, A::kParam), column<P>(task, A::kGrad),
                           column<state_t<P>>(task, A::kMomentum), column<master_t>(task, A::kMaster)};
   const PassCoefs<C> k = read_coefs<C>(s.coef_old, s.coef_new, s.grad_scale);
   Terms<C> sums{};
   with_row_flags(row.g != nullptr, row.master != nullptr, [&](auto has_grad, auto has_master) {
     for (int64_t i = task.begin + threadIdx.x; i < task.end; i += kThreads) {
       add_terms(sums, msam_sgd_element<kPass, decltype(has_grad)::value, decltype(has_master)::value>(
-                          row, i, step, k));
+                          row, i, step, k, skipped));
     }
   });
-  if (kPass != Pass::kStep) write_block_sums(sums, slots);
+  if (sums_terms(kPass)) write_block_sums(sums, slots);
 }
 
 struct AdamwHyper {
@@ -169,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) adamw_msam_kernel(DeviceTable t, Ada
                           row, i, step, k));
     }
   });
-  if (kPass != Pass::kStep) write_block_sums(sums, slots);
+  if (sums_terms(kPass)) write_block_sums(sums, slots);
 }
 
 // One thread per row: the step count of each row with a gradient advances by one.
@@ -298,7 +300,7 @@ PassScalars pass_scalars(const Args& a) {
 template <Pass kPass>
 Slots msam_sgd_pass(const MsamSgdArgs& a) {
   const DeviceTable t = device_table(a.table, kChunk);
-  Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
+  Slots slots = sums_terms(kPass) ? Slots(t, a.table.device) : Slots();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
     using C = compute_t<scalar_t>;
     const MsamSgdStep<C> step{C(a.lr), C(a.weight_decay), C(a.momentum)};
@@ -310,7 +312,7 @@ Slots msam_sgd_pass(const MsamSgdArgs& a) {
 template <Pass kPass>
 Slots adamw_msam_pass(const AdamwMsamArgs& a) {
   const DeviceTable t = device_table(a.table, kChunk);
-  Slots slots = kPass == Pass::kStep ? Slots() : Slots(t, a.table.device);
+  Slots slots = sums_terms(kPass) ? Slots(t, a.table.device) : Slots();
   const AdamwHyper h{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "adamw_msam", [&] {
     launch_segments(adamw_msam_kernel<kPass, scalar_t>, t, h, pass_scalars(a), slots.data());
@@ -330,8 +332,26 @@ struct Cuda {
     switch (pass) {
       case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a);
       case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a);
+      case Pass::kStash: return msam_sgd_pass<Pass::kStash>(a);
+      case Pass::kFinish: return msam_sgd_pass<Pass::kFinish>(a);
       default: return msam_sgd_pass<Pass::kStep>(a);
     }
+  }
+
+  // A summing pass that returns its per-block slots as [segments, 2] float64.
+  static at::Tensor msam_sgd_partials(Pass pass, const MsamSgdArgs& a) {
+    const Slots slots = msam_sgd(pass, a);
+    return slots.values.narrow(0, 0, 2 * slots.blocks).view({slots.blocks, 2});
+  }
+
+  // The sums of per-block slots, added by the kernel (and in the order) of a summing pass.
+  static std::tuple<at::Tensor, at::Tensor> sum_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
+    const c10::cuda::CUDAGuard guard(partials.device());
+    Slots slots;
+    slots.blocks = partials.size(0);
+    slots.values = slots.blocks > 0 ? partials.view({-1})
+                                    : at::zeros({2}, partials.options());  // a pass's empty slots
+    return slots.result(norm_dtype);
   }
 
   static Slots adamw_msam(Pass pass, const AdamwMsamArgs& a) {

@@ -88,7 +88,7 @@ void test_scalar_args() {
 void test_passes_agree() {
   const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
   const PassCoefs<double> k{0.25, -0.75, 2.0, true};  // coef_old, -coef_new, grad_scale
-  const double g[2] = {0.3, -1.2};
+  double g[2] = {0.3, -1.2};
   double p_step[2] = {1.0, -2.0}, v_step[2] = {0.5, 0.1};
   double p_update[2] = {1.0, -2.0}, v_update[2] = {0.5, 0.1};
   double p_read[2] = {1.0, -2.0}, v_read[2] = {0.5, 0.1};
@@ -109,6 +109,34 @@ void test_passes_agree() {
   EXPECT(p_read[0] == 1.0 && v_read[1] == 0.1);
 }
 
+// The overlapped step: kStash (v = v', the old momentum into the gradient) then kFinish give
+// kStep's bits; a skipped kFinish puts the old momentum back; a row without a gradient is
+// re-perturbed as in kStep.
+void test_overlapped_step() {
+  const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
+  const PassCoefs<double> k{0.25, -0.75, 2.0, true};
+  double g_step[2] = {0.3, -1.2}, p_step[2] = {1.0, -2.0}, v_step[2] = {0.5, 0.1};
+  double g[2] = {0.3, -1.2}, p[2] = {1.0, -2.0}, v[2] = {0.5, 0.1};
+  for (int i = 0; i < 2; ++i) {
+    const auto full = msam_sgd_element<Pass::kStep, true, false>(MsamSgdRow<double>{p_step, g_step, v_step, nullptr},
+                                                                 i, step, k);
+    const auto stashed = msam_sgd_element<Pass::kStash, true, false>(MsamSgdRow<double>{p, g, v, nullptr}, i, step, k);
+    EXPECT(stashed.direction == v_step[i] && v[i] == v_step[i] && stashed.nonfinite == 0.0);
+    EXPECT(g[i] == (i == 0 ? 0.5 : 0.1) && p[i] == (i == 0 ? 1.0 : -2.0));  // v_old kept, p untouched
+    msam_sgd_element<Pass::kFinish, true, false>(MsamSgdRow<double>{p, g, v, nullptr}, i, step, k);
+    EXPECT(p[i] == p_step[i] && v[i] == v_step[i]);
+    (void)full;
+  }
+  double p2[1] = {1.0}, g2[1] = {0.3}, v2[1] = {0.5};
+  msam_sgd_element<Pass::kStash, true, false>(MsamSgdRow<double>{p2, g2, v2, nullptr}, 0, step, k);
+  msam_sgd_element<Pass::kFinish, true, false>(MsamSgdRow<double>{p2, g2, v2, nullptr}, 0, step, k, /*skipped=*/true);
+  EXPECT(p2[0] == 1.0 && v2[0] == 0.5);
+  double p3[1] = {1.0}, v3[1] = {0.5}, p4[1] = {1.0}, v4[1] = {0.5};
+  msam_sgd_element<Pass::kStep, false, false>(MsamSgdRow<double>{p3, nullptr, v3, nullptr}, 0, step, k);
+  msam_sgd_element<Pass::kFinish, false, false>(MsamSgdRow<double>{p4, nullptr, v4, nullptr}, 0, step, k);
+  EXPECT(p3[0] == p4[0] && v4[0] == 0.5);
+}
+
 // A parameter without a gradient keeps w and v and is re-perturbed with the new coefficient.
 void test_missing_gradient() {
   const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
@@ -124,7 +152,7 @@ void test_master_weights() {
   const MsamSgdStep<float> step{0.1f, 0.0f, 0.9f};
   const PassCoefs<float> k{0.25f, -0.5f, 1.0f, false};
   c10::BFloat16 p[1] = {c10::BFloat16(1.0f)};
-  const c10::BFloat16 g[1] = {c10::BFloat16(0.5f)};
+  c10::BFloat16 g[1] = {c10::BFloat16(0.5f)};
   float v[1] = {0.0f}, master[1] = {1.001f};
   msam_sgd_element<Pass::kStep, true, true>(MsamSgdRow<c10::BFloat16>{p, g, v, master}, 0, step, k);
   EXPECT(v[0] == 0.5f);
@@ -179,6 +207,7 @@ void test_segments() {
 
 int main() {
   test_msam_sgd_step();
+  test_overlapped_step();
   test_adamw_msam_step();
   test_perturbation_and_sam();
   test_nonfinite_marker();
