@@ -128,6 +128,26 @@ def with_feature(backend, feature: str, requested: str, what: str):
     return _load_reference(None)
 
 
+class PerDeviceBackends:
+    """Mixin for the optimizers: the backend is resolved once per device that holds parameters
+    (``self._backends``, filled by :meth:`_backend_on`; ``self.backend_request`` is the name
+    the user asked for)."""
+
+    _backends: dict
+    backend_request: str
+
+    def _backend_on(self, device: torch.device):
+        if device not in self._backends:
+            self._backends[device] = resolve(self.backend_request, device)
+        return self._backends[device]
+
+    @property
+    def backend(self) -> str | dict:
+        """The backend that runs the step: its name, or a name per device."""
+        names = {str(d): b.name for d, b in self._backends.items()}
+        return next(iter(names.values())) if len(set(names.values())) == 1 else names
+
+
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
     """Each backend name mapped to ``None`` if it can run on ``device``, else why it cannot."""
     out = {}

@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 
 from msam_fused import backends
 from msam_fused.distributed import sharding
-from msam_fused.nonfinite import step_skip_flag
+from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
 from msam_fused.validation import (ParamPlace, check_flag, check_new_params,
                                    check_nonfinite_policy, check_param_for_step, describe_param)
 
@@ -93,7 +93,7 @@ class Bucket:
         return {"perturbations": self.column(PERTURBATION_KEY)} if is_adaptive(self.group) else {}
 
 
-class MomentumAscentOptimizer(Optimizer):
+class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     """Base class of :class:`~msam_fused.MSAM` and :class:`~msam_fused.AdamWMSAM`."""
 
     #: state key of the ascent direction ``x`` (the perturbation is ``-c * x``)
@@ -197,8 +197,7 @@ class MomentumAscentOptimizer(Optimizer):
     def _register_group(self, group: dict) -> None:
         for p in group["params"]:
             self._layouts[id(p)] = (p.device, p.dtype)
-            if p.device not in self._backends:
-                self._backends[p.device] = backends.resolve(self.backend_request, p.device)
+            self._backend_on(p.device)
             self._bucket_backend(group, p.device)  # fails now if the group cannot run there
 
     def _bucket_backend(self, group: dict, device: torch.device):
@@ -207,17 +206,6 @@ class MomentumAscentOptimizer(Optimizer):
             return backends.with_feature(backend, "supports_adaptive", self.backend_request,
                                          f"{type(self).__name__}(adaptive=True)")
         return backend
-
-    @property
-    def backend(self) -> str | dict:
-        """The backend that runs the step: its name, or a name per device."""
-        names = {str(d): b.name for d, b in self._backends.items()}
-        return next(iter(names.values())) if len(set(names.values())) == 1 else names
-
-    @property
-    def skipped_steps(self) -> int:
-        """How many steps were skipped for non-finite gradients (reads the device)."""
-        return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _norm_dtype(self) -> torch.dtype:
         dtypes = {layout[1] for layout in self._layouts.values()}
@@ -348,9 +336,7 @@ class MomentumAscentOptimizer(Optimizer):
                                             coef_new[id(b.group)].to(b.device, non_blocking=True))
             for state in b.states:
                 state["perturbation_coef"] = remembered[key]
-        if found_inf is not None:
-            skipped = (found_inf != 0).to(torch.int64)
-            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps.add_(skipped)
+        self._count_skipped(found_inf)
         if overlapped is not None:
             overlapped.release()
         return loss

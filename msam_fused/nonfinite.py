@@ -56,3 +56,24 @@ def step_skip_flag(policy: str, where: str, grads: Sequence[Tensor], labels: Seq
                 + "; nothing was changed (nonfinite='skip' would skip the step instead)")
         return None
     return flag
+
+
+class SkippedStepCount:
+    """Mixin for the optimizers: counts skipped steps on the device (``self._skipped_steps``,
+    None until the first checked step), so that counting never waits for the device."""
+
+    _skipped_steps: Optional[Tensor]
+
+    def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
+        if found_inf is None:
+            return
+        skipped = (found_inf != 0).to(torch.int64)
+        if self._skipped_steps is None:
+            self._skipped_steps = skipped
+        else:
+            self._skipped_steps.add_(skipped.to(self._skipped_steps.device))
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite gradients (reads the device)."""
+        return 0 if self._skipped_steps is None else int(self._skipped_steps)

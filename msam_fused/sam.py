@@ -11,12 +11,12 @@ from torch.optim import Optimizer
 from msam_fused import backends
 from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
-from msam_fused.nonfinite import step_skip_flag
+from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
 from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
                                    check_number, describe_param)
 
 
-class SAM(Optimizer):
+class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al.) around any ``torch.optim`` optimizer.
 
     Each step takes two forward/backward passes: the gradient ``g1`` at ``w`` gives the ascent
@@ -101,22 +101,12 @@ class SAM(Optimizer):
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         _check_group(f"SAM param group {index}", param_group)
         for p in param_group["params"]:
-            if p.device not in self._backends:
-                self._backends[p.device] = backends.resolve(self.backend_request, p.device)
+            self._backend_on(p.device)
         if self._adopting:
             self.param_groups.append(param_group)  # already in the base optimizer
         else:
             self.base_optimizer.add_param_group(param_group)
         self._sharding = layout
-
-    @property
-    def backend(self) -> str | dict:
-        names = {str(d): b.name for d, b in self._backends.items()}
-        return next(iter(names.values())) if len(set(names.values())) == 1 else names
-
-    @property
-    def skipped_steps(self) -> int:
-        return 0 if self._skipped_steps is None else int(self._skipped_steps)
 
     def _buckets(self, where: str) -> tuple[list[tuple], list]:
         """(group, device, params, grads) per bucket, for parameters that have a gradient.
@@ -271,9 +261,7 @@ class SAM(Optimizer):
                                     all_ranks=self._sharding) if grads else None
         found_inf = _either(first_inf, second_inf)
         self._base_step(found_inf, getattr(self, "grad_scale", None), [g for g, _ in grads])
-        if found_inf is not None:
-            skipped = (found_inf != 0).to(torch.int64)
-            self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped.to(self._skipped_steps.device)
+        self._count_skipped(found_inf)
         return found_inf
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
