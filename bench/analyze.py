@@ -29,17 +29,12 @@ REPOSITORY = str(Path(__file__).resolve().parent.parent)
 
 
 def digits(device: torch.device, seed: int) -> tuple:
-    """The training benchmark's digits data ((x, y) for train and test) and its CNN builder,
-    by import: from the benchmark package (bench.data, bench.models) where it exists, else
-    from the single-file bench/train.py."""
+    """The training benchmark's digits data ((x, y) for train and test) and its CNN builder."""
     if REPOSITORY not in sys.path:  # the package imports as ``bench`` from the repository root
         sys.path.insert(0, REPOSITORY)
-    try:
-        from bench.data import load_digits_data
-        from bench.models import digits_cnn
-    except ImportError:
-        from train import digits_cnn, digits_data
-        return digits_data(device, seed), digits_cnn
+    from bench.data import load_digits_data
+    from bench.models import digits_cnn
+
     data = load_digits_data(device, seed)
     return ((data.train_x, data.train_y), (data.test_x, data.test_y)), digits_cnn
 
