@@ -67,3 +67,13 @@ def _flat(nested):
             yield x
         else:
             yield from _flat(x)
+
+
+def finish_step(opt, scaler=None) -> None:
+    """The end of a training step: the step (through ``scaler`` when there is one), zero_grad."""
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad()

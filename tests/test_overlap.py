@@ -16,7 +16,7 @@ import torch
 import msam_fused
 from fused_cases import DEVICES, require_extension
 from msam_fused.overlap import ConsumedGradient
-from streams import GROUP_SHAPES, MSAM_HYPERS, GradientStream, initial_params
+from streams import GROUP_SHAPES, MSAM_HYPERS, GradientStream, finish_step, initial_params
 
 STEPS = 100
 # The stream's groups plus a tensor that spans three CPU segments (and five CUDA blocks).
@@ -59,12 +59,7 @@ def train(params, opt, steps, *, start=0, scaler=None, poison=()):
             for g in opt.param_groups:
                 g["rho"] *= 2.5
         backward(params, step, scale=scaler, poison=step in poison)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad()
+        finish_step(opt, scaler)
 
 
 def snapshot(params, opt):

@@ -16,6 +16,7 @@ from torch import nn
 import msam_fused
 from distributed_harness import check_passed, job_outcomes
 from msam_fused.distributed import check_replicas_identical
+from streams import finish_step
 
 STEPS = 12
 HALF_BATCH = 6
@@ -60,12 +61,7 @@ def train(model, opt, rank, steps=STEPS, *, start=0, micro_batches=1, scaler=Non
                     loss.backward()
             else:
                 loss.backward()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad()
+        finish_step(opt, scaler)
 
 
 def assert_identical(a, b):
