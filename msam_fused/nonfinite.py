@@ -1,7 +1,7 @@
 """Non-finite gradients: detect on the device, then skip the whole step or raise.
 
-Detection reads every gradient once (``_foreach_norm`` with ``ord=inf`` is finite exactly when
-all entries are), so ``nonfinite="skip"`` costs one extra read of the gradients and no host
+Detection reads every gradient once (on a GPU ``_foreach_norm`` with ``ord=inf``, on the CPU
+each tensor's min and max: finite exactly when all entries are), so ``nonfinite="skip"`` costs one extra read of the gradients and no host
 sync. Under an AMP ``GradScaler`` the scaler has already done that check and hands its
 ``found_inf`` to the optimizer, so no second check runs.
 """
@@ -22,9 +22,14 @@ def nonfinite_flag(grads: Sequence[Tensor], device: torch.device) -> Tensor:
         if g.numel():  # the inf-norm of an empty tensor (e.g. an empty FSDP2 shard) is an error
             by_device[g.device].append(g)
     flag = torch.zeros((), dtype=torch.bool, device=device)
-    for tensors in by_device.values():
-        maxima = torch._foreach_norm(tensors, float("inf"))
-        bad = ~torch.stack([m.float() for m in maxima]).isfinite().all()
+    for where, tensors in by_device.items():
+        if where.type == "cpu":
+            # The CPU inf-norm is a scalar loop (~1 GB/s, 6x slower than a vectorised min and
+            # max); the least and the greatest entry are both finite exactly when all are.
+            extremes = [e for t in tensors for e in torch.aminmax(t)]
+        else:
+            extremes = torch._foreach_norm(tensors, float("inf"))  # one launch per many tensors
+        bad = ~torch.stack([e.isfinite() for e in extremes]).all()
         flag = flag | bad.to(device, non_blocking=True)
     return flag
 
