@@ -299,7 +299,11 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         return loss
 
     def state_dict(self) -> dict:
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state dict (loadable into it alone), plus the skipped-step count."""
+        sd = self.base_optimizer.state_dict()
+        skipped = None if self._skipped_steps is None else self._skipped_steps.clone()
+        sd["msam_fused"] = {"optimizer": type(self).__name__, "skipped_steps": skipped}
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         where = "SAM.load_state_dict"
@@ -326,8 +330,12 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
                         raise ValueError(
                             f"{where}: state '{name}' of {describe_param(group, gi, i, p)} has shape "
                             f"{tuple(value.shape)}: the state dict is from another model")
-        self.base_optimizer.load_state_dict(with_copied_state(state_dict))
+        tag = state_dict.get("msam_fused") or {}
+        self.base_optimizer.load_state_dict(
+            with_copied_state({k: v for k, v in state_dict.items() if k != "msam_fused"}))
         self._share_base()
+        skipped = tag.get("skipped_steps")
+        self._skipped_steps = None if skipped is None else skipped.clone()
 
 
 def with_copied_state(state_dict: dict) -> dict:

@@ -105,6 +105,19 @@ def test_nonfinite_gradient_skips_perturbation_and_base_step(fused):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(sam.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), buffers))
     assert sam.skipped_steps == 1
+    resumed = make_sam(small_model(), fused=fused)
+    resumed.load_state_dict(sam.state_dict())
+    assert resumed.skipped_steps == 1
+
+
+def test_the_state_dict_loads_into_the_base_optimizer_alone():
+    model = small_model()
+    sam = make_sam(model)
+    sam_step(model, sam, *batch(0))
+    base = torch.optim.SGD(small_model().parameters(), lr=0.1, momentum=0.9)
+    base.load_state_dict(sam.state_dict())
+    assert all(torch.equal(base.state[q]["momentum_buffer"], sam.state[p]["momentum_buffer"])
+               for p, q in zip(model.parameters(), base.param_groups[0]["params"]))
 
 
 def test_grad_scaler_step_finishes_the_sam_step():
