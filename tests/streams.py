@@ -77,3 +77,13 @@ def finish_step(opt, scaler=None) -> None:
     else:
         opt.step()
     opt.zero_grad()
+
+
+def drive_sam(sam, params, stream, group: int, device, steps: int = 20) -> None:
+    """``steps`` SAM steps whose two gradients (at w and at w + e) come from ``stream``: the
+    ascent's at stream step ``step``, the descent's at ``step + 1000``."""
+    for step in range(steps):
+        for offset, finish in ((0, sam.first_step), (1000, sam.second_step)):
+            for i, p in enumerate(params):
+                p.grad = stream.grad(step + offset, group, i, p.detach().cpu()).to(device)
+            finish(zero_grad=True)

@@ -10,7 +10,7 @@ import torch
 
 import msam_fused
 from fused_cases import DEVICES, require_extension
-from streams import ADAMW_HYPERS, MSAM_HYPERS, GradientStream, initial_params, relative_error
+from streams import ADAMW_HYPERS, MSAM_HYPERS, GradientStream, drive_sam, initial_params, relative_error
 
 pytestmark = pytest.mark.usefixtures("extension")
 
@@ -179,13 +179,7 @@ def test_sam_on_the_fused_backend_matches_the_reference(device, adaptive):
                              backend=backend)
         stream = GradientStream()
         stream.missing = lambda step, gi, i: False
-        for step in range(20):
-            for i, p in enumerate(params):
-                p.grad = stream.grad(step, 1, i, p.detach().cpu()).to(device)
-            sam.first_step(zero_grad=True)
-            for i, p in enumerate(params):
-                p.grad = stream.grad(step + 1000, 1, i, p.detach().cpu()).to(device)
-            sam.second_step(zero_grad=True)
+        drive_sam(sam, params, stream, 1, device)
         results[backend] = [p.detach().cpu() for p in params]
     assert relative_error(results[backend_for(device)], results["reference"]) <= 1e-5
 

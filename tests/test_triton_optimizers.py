@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import msam_fused
-from streams import ADAMW_HYPERS, GROUP_SHAPES, MSAM_HYPERS, GradientStream, initial_params, relative_error
+from streams import (ADAMW_HYPERS, GROUP_SHAPES, MSAM_HYPERS, GradientStream, drive_sam, initial_params,
+                     relative_error)
 from triton_device import DEVICE, INTERPRETED, MARKS
 
 pytestmark = MARKS
@@ -163,13 +164,7 @@ def test_sam_matches_reference_backend():
         sam = msam_fused.SAM(params, torch.optim.SGD, rho=0.1, adaptive=True, backend=backend,
                              lr=0.1, momentum=0.9)
         stream = GradientStream(group_shapes=[SHAPES[0]])
-        for step in range(20):
-            for i, p in enumerate(params):
-                p.grad = stream.grad(step, 0, i, p.detach().cpu()).to(DEVICE)
-            sam.first_step(zero_grad=True)
-            for i, p in enumerate(params):
-                p.grad = stream.grad(step + 1000, 0, i, p.detach().cpu()).to(DEVICE)
-            sam.second_step(zero_grad=True)
+        drive_sam(sam, params, stream, 0, DEVICE)
         return [p.detach().cpu() for p in params]
 
     assert relative_error(run_sam("triton"), run_sam("reference")) <= 1e-5
