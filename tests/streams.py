@@ -87,3 +87,30 @@ def drive_sam(sam, params, stream, group: int, device, steps: int = 20) -> None:
             for i, p in enumerate(params):
                 p.grad = stream.grad(step + offset, group, i, p.detach().cpu()).to(device)
             finish(zero_grad=True)
+
+
+def drive_momentum_ascent(cls, hypers, dtype, backend, device, steps, rho_steps,
+                          group_shapes=GROUP_SHAPES, **options):
+    """An MSAM-family optimizer (one param group per ``hypers`` entry, parameters from
+    :func:`initial_params`) driven ``steps`` steps by a :class:`GradientStream`. At step
+    ``rho_steps[0]`` every group's rho grows 2.5x, at ``rho_steps[1]`` group 0's becomes 0.
+    Returns the parameters as stored (perturbed), the true weights and the optimizer."""
+    params = [[p.to(device).requires_grad_() for p in ps]
+              for ps in initial_params(dtype, group_shapes=group_shapes)]
+    opt = cls([{"params": ps, **h} for ps, h in zip(params, hypers)], backend=backend, **options)
+    stream = GradientStream(group_shapes=group_shapes)
+    for step in range(steps):
+        if step == rho_steps[0]:
+            for g in opt.param_groups:
+                g["rho"] *= 2.5
+        if step == rho_steps[1]:
+            opt.param_groups[0]["rho"] = 0.0
+        for gi, ps in enumerate(params):
+            for i, p in enumerate(ps):
+                grad = stream.grad(step, gi, i, p.detach().cpu())
+                p.grad = None if grad is None else grad.to(device)
+        opt.step()
+    with opt.unperturbed():
+        true = [[p.detach().cpu().clone() for p in ps] for ps in params]
+    stored = [[p.detach().cpu().clone() for p in ps] for ps in params]
+    return stored, true, opt

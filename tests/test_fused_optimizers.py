@@ -10,7 +10,8 @@ import torch
 
 import msam_fused
 from fused_cases import DEVICES, require_extension
-from streams import ADAMW_HYPERS, MSAM_HYPERS, GradientStream, drive_sam, initial_params, relative_error
+from streams import (ADAMW_HYPERS, MSAM_HYPERS, GradientStream, drive_momentum_ascent, drive_sam,
+                     initial_params, relative_error)
 
 pytestmark = pytest.mark.usefixtures("extension")
 
@@ -27,27 +28,9 @@ def backend_for(device):
 
 
 def run(cls, hypers, dtype, backend, device="cpu", steps=STEPS, master_weights=False):
-    """Drive an optimizer with the gradient stream, changing rho at steps 40 and 70; return
-    the parameters as stored (perturbed) and the true weights."""
-    params = [[p.to(device).requires_grad_() for p in ps] for ps in initial_params(dtype)]
-    opt = cls([{"params": ps, **h} for ps, h in zip(params, hypers)], backend=backend,
-              master_weights=master_weights)
-    stream = GradientStream()
-    for step in range(steps):
-        if step == 40:
-            for g in opt.param_groups:
-                g["rho"] *= 2.5
-        if step == 70:
-            opt.param_groups[0]["rho"] = 0.0
-        for gi, ps in enumerate(params):
-            for i, p in enumerate(ps):
-                grad = stream.grad(step, gi, i, p.detach().cpu())
-                p.grad = None if grad is None else grad.to(device)
-        opt.step()
-    stored = [[p.detach().cpu() for p in ps] for ps in params]
-    with opt.unperturbed():
-        true = [[p.detach().cpu().clone() for p in ps] for ps in params]
-    return stored, true, opt
+    """(stored, true, optimizer) after ``steps`` stream steps, rho changed at steps 40 and 70."""
+    return drive_momentum_ascent(cls, hypers, dtype, backend, device, steps, (40, 70),
+                                 master_weights=master_weights)
 
 
 OPTIMIZERS = [(msam_fused.MSAM, MSAM_HYPERS), (msam_fused.AdamWMSAM, ADAMW_HYPERS)]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import msam_fused
-from streams import (ADAMW_HYPERS, GROUP_SHAPES, MSAM_HYPERS, GradientStream, drive_sam, initial_params,
-                     relative_error)
+from streams import (ADAMW_HYPERS, GROUP_SHAPES, MSAM_HYPERS, GradientStream, drive_momentum_ascent,
+                     drive_sam, initial_params, relative_error)
 from triton_device import DEVICE, INTERPRETED, MARKS
 
 pytestmark = MARKS
@@ -26,25 +26,11 @@ OPTIMIZERS = {"MSAM": (msam_fused.MSAM, MSAM_HYPERS), "AdamWMSAM": (msam_fused.A
 
 
 def run(name, backend, dtype, steps, device=DEVICE, **options):
-    """Drive one optimizer with the stream; return the stored parameters and the true weights."""
+    """The stored parameters and the true weights after ``steps`` stream steps."""
     cls, hypers = OPTIMIZERS[name]
-    params = [[p.to(device).requires_grad_() for p in ps] for ps in initial_params(dtype, group_shapes=SHAPES)]
-    opt = cls([{"params": ps, **h} for ps, h in zip(params, hypers)], backend=backend, **options)
-    stream = GradientStream(group_shapes=SHAPES)
-    for step in range(steps):
-        if step == steps // 5:
-            for g in opt.param_groups:
-                g["rho"] *= 2.5
-        if step == steps // 2:
-            opt.param_groups[0]["rho"] = 0.0
-        for gi, ps in enumerate(params):
-            for i, p in enumerate(ps):
-                g = stream.grad(step, gi, i, p.detach().cpu())
-                p.grad = None if g is None else g.to(device)
-        opt.step()
-    with opt.unperturbed():
-        true = [[p.detach().cpu().clone() for p in ps] for ps in params]
-    return [[p.detach().cpu() for p in ps] for ps in params], true
+    stored, true, _ = drive_momentum_ascent(cls, hypers, dtype, backend, device, steps,
+                                            (steps // 5, steps // 2), group_shapes=SHAPES, **options)
+    return stored, true
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
