@@ -32,6 +32,7 @@ class AdamWMSAM(MomentumAscentOptimizer):
     """
 
     hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "rho")
+    torch_counterpart = "torch.optim.AdamW"
     direction_key = "exp_avg"
     one_pass_functions = ("adamw_msam_sum_of_squares", "adamw_msam_step_")
 

@@ -41,11 +41,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam_fused import backends
+from msam_fused import backends, checkpoints
 from msam_fused.distributed import sharding
 from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
-from msam_fused.validation import (ParamPlace, check_flag, check_new_params,
-                                   check_nonfinite_policy, check_param_for_step, describe_param)
+from msam_fused.validation import (ParamPlace, check_flag, check_model_holds_params,
+                                   check_new_params, check_nonfinite_policy, check_param_for_step,
+                                   describe_param, listed_params, with_plain_params)
 
 STATE_FORMAT = 1
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -100,6 +101,8 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
     direction_key: str
     #: group keys every saved param group must carry
     hyperparameter_keys: tuple
+    #: the torch optimizer whose state dict warm-starts this one (``load_state_dict``)
+    torch_counterpart: str
 
     # GradScaler hands us ``grad_scale`` and ``found_inf`` instead of unscaling and checking
     # the gradients itself; the unscale happens inside the update pass.
@@ -126,14 +129,25 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         self._unperturbed_depth = 0
         self._sharding: Optional[sharding.ShardLayout] = None  # set when parameters are DTensors
         self._overlap = None  # msam_fused.overlap.OverlappedBackward, while one is registered
+        # what load_state_dict left to do once the model holds its weights (msam_fused.checkpoints)
+        self._loaded_weights: Optional[checkpoints.PendingWeightsCheck] = None
+        # inside unperturbed(): (bucket, its saved perturbed copies) per bucket
+        self._true_weights_held: Optional[list] = None
 
-    def __setstate__(self, state: dict) -> None:  # deepcopy / pickle keep only torch's fields
+    # What deepcopy and pickling keep besides torch's fields, with the value of a pickle that
+    # predates them; the rest (backends, layouts) is rebuilt, an overlap registration is not.
+    _COPIED_SETTINGS = {"backend_request": "auto", "nonfinite": "skip", "master_weights": False,
+                        "_skipped_steps": None, "_loaded_weights": None}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._COPIED_SETTINGS}}
+
+    def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_layouts"):
-            self.backend_request = "auto"
-            self.nonfinite = "skip"
-            self.master_weights = False
+            kept = {k: self.__dict__.get(k, default) for k, default in self._COPIED_SETTINGS.items()}
             self._init_runtime()
+            self.__dict__.update(kept)
             for group in self.param_groups:
                 self._register_group(group)
             self._sharding = sharding.shard_layout(type(self).__name__, self._all_params())
@@ -179,15 +193,13 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             raise RuntimeError(f"{where}.add_param_group: the step is overlapped with backward; call "
                                "remove() on the handle overlap_backward() returned, add the group, and "
                                "call overlap_backward() again")
-        group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        group = {**param_group, "params": listed_params(where, param_group["params"])}
         index = len(self.param_groups)
         known = self._all_params()
-        check_new_params(where, index, _with_plain_params(group), known)
+        check_new_params(where, index, with_plain_params(group), known)
         self.check_group(f"{where} param group {index}", {**self.defaults, **group})
-        layout = sharding.shard_layout(where, known + _with_plain_params(group)["params"])
-        super().add_param_group(param_group)
+        layout = sharding.shard_layout(where, known + with_plain_params(group)["params"])
+        super().add_param_group(group)  # the listed params: an iterator given is spent by now
         self._register_group(self.param_groups[-1])
         self._sharding = layout
 
@@ -247,6 +259,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         (``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)``; with a GradScaler,
         ``scaler.unscale_(opt)`` first): the clipped gradient is ``g`` in SPEC §1.
         """
+        self._check_loaded_weights(f"{type(self).__name__}.step", gradient_taken=closure is None)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -443,51 +456,74 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             finally:
                 self._unperturbed_depth -= 1
             return
-        self._check_no_overlapped_update(f"{type(self).__name__}.unperturbed")
+        where = f"{type(self).__name__}.unperturbed"
+        self._check_no_overlapped_update(where)
+        self._check_loaded_weights(where)
         buckets = self._perturbed_buckets()
-        saved = [[p.detach().clone() for p in b.params] for b in buckets]
-        with torch.no_grad():
-            for b in buckets:
-                b.backend.remove_perturbation_(b.params, b.applied_directions(self.direction_key),
-                                               b.column("master_weight"),
-                                               coef=b.states[0]["perturbation_coef"])
-        self._unperturbed_depth = 1
-        try:
-            yield
-        finally:
-            self._unperturbed_depth = 0
-            with torch.no_grad():
-                for b, copies in zip(buckets, saved):
-                    for p, copy in zip(b.params, copies):
-                        p.copy_(copy)
+        with checkpoints.holding_true_weights(buckets, self.direction_key) as saved:
+            self._unperturbed_depth = 1
+            self._true_weights_held = list(zip(buckets, saved))
+            try:
+                yield
+            finally:
+                self._unperturbed_depth = 0
+                self._true_weights_held = None
 
     def unperturbed_state_dict(self, model: torch.nn.Module) -> dict:
-        """``model.state_dict()`` at the true weights (copies): what to export or evaluate."""
+        """``model.state_dict()`` at the true weights (copies): what to export or evaluate.
+        ``model`` must hold every parameter of this optimizer."""
+        check_model_holds_params(f"{type(self).__name__}.unperturbed_state_dict", model,
+                                 self.param_groups)
         with self.unperturbed():
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def _check_loaded_weights(self, where: str, gradient_taken: bool = False) -> None:
+        """Finish what load_state_dict left to do, now that the model must hold its weights:
+        raises if they are neither the perturbed nor the true weights of the loaded state.
+        ``gradient_taken``: the gradients in ``.grad`` were computed at the weights as loaded."""
+        if self._loaded_weights is not None:
+            checkpoints.resolve_loaded_weights(self, self._loaded_weights, where, final=True,
+                                               gradient_taken=gradient_taken)
+            self._loaded_weights = None
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         self._check_no_overlapped_update(f"{type(self).__name__}.state_dict")
         sd = super().state_dict()
+        # A load not yet checked against the model's weights leaves the state as loaded, so
+        # the loaded fingerprint still describes it (and the model may not hold its weights yet).
+        fingerprint = (self._loaded_weights.fingerprint if self._loaded_weights is not None
+                       else checkpoints.weights_fingerprint(self))
         sd["msam_fused"] = {
             "optimizer": type(self).__name__,
             "format": STATE_FORMAT,
             "master_weights": self.master_weights,
             "skipped_steps": None if self._skipped_steps is None else self._skipped_steps.clone(),
+            checkpoints.FINGERPRINT_KEY: fingerprint,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict saved by the same optimizer class for the same parameters.
+        """Load a state dict saved by the same optimizer class for the same parameters, or, as
+        a warm start, one of :attr:`torch_counterpart` (no perturbation applied yet).
 
         Everything is checked first; a state dict from another optimizer or model raises and
-        leaves this optimizer untouched.
+        leaves this optimizer untouched. The model's weights may be the perturbed or the true
+        weights saved with the state (docs/checkpoints.md): true weights get the perturbation
+        applied again, here when the model already holds them (load the model first), else at
+        the first :meth:`step` or :meth:`unperturbed`, which raise for weights that are neither.
         """
-        self._check_no_overlapped_update(f"{type(self).__name__}.load_state_dict")
+        where = f"{type(self).__name__}.load_state_dict"
+        self._check_no_overlapped_update(where)
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{where}: not an optimizer state dict (needs 'state' and 'param_groups')")
         state_dict = dict(state_dict)
         tag = state_dict.pop("msam_fused", None)
+        state_dict, warm_start = checkpoints.adopt_torch_state_dict(self, state_dict, where)
         self._check_loadable(state_dict, tag)
+        fingerprint = (tag or {}).get(checkpoints.FINGERPRINT_KEY)
+        if fingerprint is not None:
+            checkpoints.check_fingerprint(where, fingerprint, len(self.param_groups))
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to the parameter's dtype (our state keeps
@@ -509,11 +545,16 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
                     self.state[p]["perturbation_coef"] = coef
         skipped = (tag or {}).get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.clone()
+        self._loaded_weights = None
+        if fingerprint is not None:
+            pending = checkpoints.PendingWeightsCheck(fingerprint)
+            if not checkpoints.resolve_loaded_weights(self, pending, where, final=False):
+                self._loaded_weights = pending  # the model's weights may come later
+        elif warm_start and self.master_weights:
+            self._loaded_weights = checkpoints.PendingWeightsCheck(None)
 
     def _check_loadable(self, state_dict: dict, tag: Optional[dict]) -> None:
         where = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(f"{where}: not an optimizer state dict (needs 'state' and 'param_groups')")
         if tag is not None:
             if tag.get("optimizer") != type(self).__name__:
                 raise ValueError(f"{where}: the state dict was saved by {tag.get('optimizer')}, "
@@ -529,7 +570,8 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             missing = [k for k in self.hyperparameter_keys if k not in saved]
             if missing:
                 raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}: it "
-                                 f"was not saved by msam_fused.{type(self).__name__}")
+                                 f"was not saved by msam_fused.{type(self).__name__} (nor by "
+                                 f"{self.torch_counterpart}, for a warm start)")
             self.check_group(f"{where}: saved param group {gi}", saved)
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{where}: param group {gi} has {len(saved['params'])} parameters "
@@ -568,11 +610,3 @@ def _remember(previous: Optional[Tensor], coef: Tensor) -> Tensor:
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
-
-
-def _with_plain_params(group: dict) -> dict:
-    """torch accepts (name, tensor) pairs; validation wants the tensors and the names apart."""
-    params = group["params"]
-    if params and isinstance(params[0], tuple):
-        return {**group, "params": [t for _, t in params], "param_names": [n for n, _ in params]}
-    return group

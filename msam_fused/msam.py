@@ -54,6 +54,7 @@ class MSAM(MomentumAscentOptimizer):
     """
 
     hyperparameter_keys = ("lr", "momentum", "weight_decay", "rho")
+    torch_counterpart = "torch.optim.SGD"
     direction_key = "momentum_buffer"
     one_pass_functions = ("msam_sgd_sum_of_squares", "msam_sgd_step_")
 

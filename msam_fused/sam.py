@@ -13,7 +13,7 @@ from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
 from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
-                                   check_number, describe_param)
+                                   check_number, describe_param, listed_params, with_plain_params)
 
 
 class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
@@ -83,6 +83,27 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         self._adopting = False
         self._share_base()
 
+    # Runtime caches rebuilt after deepcopy or unpickling; torch's hook registries (``_optimizer_*``)
+    # are left out as torch's own __getstate__ leaves them out.
+    _REBUILT = ("_backends", "_backups", "_sharding")
+
+    def __getstate__(self) -> dict:
+        """Everything the constructor took (the base optimizer, ``rho``, ``backend``,
+        ``nonfinite``, a variant's settings) survives ``copy.deepcopy`` and pickling."""
+        if self._pending is not None:
+            raise RuntimeError(f"{type(self).__name__}: cannot copy or pickle between first_step() "
+                               "and second_step(); finish the step first")
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._REBUILT and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._backends, self._backups = {}, {}
+        params = [p for g in self.param_groups for p in with_plain_params(g)["params"]]
+        for p in params:
+            self._backend_on(p.device)
+        self._sharding = sharding.shard_layout(type(self).__name__, params)
+
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -91,16 +112,15 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         where = "SAM"
         index = len(self.param_groups)
         known = [p for g in self.param_groups for p in g["params"]]
-        if not self._adopting:
-            params = param_group["params"]
-            params = [params] if isinstance(params, Tensor) else list(params)
-            param_group["params"] = params
-            check_new_params(where, index, param_group, known)
-        layout = sharding.shard_layout(where, known + list(param_group["params"]))
+        if not self._adopting:  # the base optimizer has checked and listed its own groups
+            param_group["params"] = listed_params(where, param_group["params"])
+            check_new_params(where, index, with_plain_params(param_group), known)
+        plain = with_plain_params(param_group)["params"]
+        layout = sharding.shard_layout(where, known + plain)
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         _check_group(f"SAM param group {index}", param_group)
-        for p in param_group["params"]:
+        for p in plain:
             self._backend_on(p.device)
         if self._adopting:
             self.param_groups.append(param_group)  # already in the base optimizer
@@ -283,8 +303,16 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
                 base.step()
 
     def step(self, closure=None):
-        """``step(closure)``: after the first backward, ascend, run ``closure`` (the second
-        forward/backward, returning the loss) at ``w + e``, return and take the base step.
+        """``step(closure)``, ``closure`` running a forward/backward and returning the loss:
+
+        * torch's convention (Lightning's automatic optimization, LBFGS-style callers): no
+          parameter has a gradient yet, so the closure runs twice, at ``w`` for ``g1`` and at
+          ``w + e`` for ``g2``; returns the loss at ``w``, as ``torch.optim`` optimizers do;
+        * the convention of the original SAM code: the first backward ran before the call, so
+          the closure runs once, at ``w + e``; returns that loss.
+
+        Either way the closure runs the forward/backward at ``w + e`` with the BatchNorm
+        statistics as the caller set them (``disable_running_stats`` inside it for that pass).
         ``step()`` with no closure finishes a step begun with :meth:`first_step` (this is
         what ``GradScaler.step(sam)`` calls)."""
         if closure is None:
@@ -292,11 +320,15 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
                 raise RuntimeError("SAM.step() needs a closure that runs the second forward and "
                                    "backward pass, or a first_step() before it")
             return self._finish_step()
+        loss_at_w = None
+        if not any(p.grad is not None for g in self.param_groups if perturbs(g) for p in g["params"]):
+            with torch.enable_grad():
+                loss_at_w = closure()
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             loss = closure()
         self._finish_step()
-        return loss
+        return loss if loss_at_w is None else loss_at_w
 
     def state_dict(self) -> dict:
         """The base optimizer's state dict (loadable into it alone), plus the skipped-step count."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Iterable, NamedTuple
 
@@ -12,11 +13,11 @@ NONFINITE_POLICIES = ("skip", "raise")
 
 def check_number(where: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None,
                  high_inclusive: bool = False) -> None:
-    """``value`` must be a real Python number in ``[low, high)`` (or ``[low, high]``)."""
+    """``value`` must be a finite real Python number in ``[low, high)`` (or ``[low, high]``)."""
     if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be a Python float, got {type(value).__name__} {value!r}")
-    if value != value:
-        raise ValueError(f"{where}: invalid {name}={value!r}: must not be NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: invalid {name}={value!r}: must be finite")
     if value < low:
         raise ValueError(f"{where}: invalid {name}={value!r}: must be >= {low}")
     if high is not None and (value > high if high_inclusive else value >= high):
@@ -60,6 +61,31 @@ class ParamPlace(NamedTuple):
         return describe_param(self.group, self.group_index, self.index, self.param)
 
 
+def listed_params(where: str, params: Any) -> list:
+    """A group's ``params`` as a list, read once: a tensor, a list, or any iterable (generators
+    and ``filter``/``map`` objects included), as ``torch.optim`` takes them; unordered sets are
+    refused, as torch refuses them. ``(name, tensor)`` pairs must be all or none, as in torch."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{where}: optimizer parameters need to be organized in ordered collections, but the "
+                        "ordering of tensors in sets changes between runs; use a list instead")
+    params = list(params)
+    named = [isinstance(p, tuple) for p in params]
+    if any(named) and not all(named):
+        raise ValueError(f"{where}: all optimizer params should be with/without names: some are (name, tensor) "
+                         "pairs and some are bare tensors")
+    return params
+
+
+def with_plain_params(group: dict) -> dict:
+    """torch accepts (name, tensor) pairs; validation wants the tensors and the names apart."""
+    params = group["params"]
+    if params and isinstance(params[0], tuple):
+        return {**group, "params": [t for _, t in params], "param_names": [n for n, _ in params]}
+    return group
+
+
 def check_new_params(where: str, group_index: int, group: dict,
                      known: Iterable[torch.Tensor]) -> None:
     """A param group being added: no duplicates, no complex or non-float parameters."""
@@ -68,6 +94,9 @@ def check_new_params(where: str, group_index: int, group: dict,
         raise ValueError(f"{where}: param group {group_index} has an empty parameter list")
     seen = {id(p) for p in known}
     for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}: param group {group_index} holds a {type(p).__name__} at "
+                            f"position {i}; optimizers optimize tensors (pass module.parameters())")
         what = describe_param(group, group_index, i, p)
         if id(p) in seen:
             raise ValueError(f"{where}: {what} is listed more than once in the optimizer")
@@ -78,6 +107,18 @@ def check_new_params(where: str, group_index: int, group: dict,
         if not p.is_floating_point():
             raise TypeError(f"{where}: {what} has dtype {p.dtype}; only floating-point "
                             "parameters can be optimized")
+
+
+def check_model_holds_params(where: str, model: torch.nn.Module, param_groups: list) -> None:
+    """``model`` holds every parameter of the optimizer (what it says about the model is true)."""
+    held = {id(p) for p in model.parameters()}
+    missing = [describe_param(g, gi, i, p) for gi, g in enumerate(param_groups)
+               for i, p in enumerate(g["params"]) if id(p) not in held]
+    if missing:
+        total = sum(len(g["params"]) for g in param_groups)
+        raise ValueError(f"{where}: the model does not hold {len(missing)} of the optimizer's {total} "
+                         f"parameters (the first: {missing[0]}); pass the model whose parameters "
+                         "the optimizer was built with")
 
 
 def check_param_for_step(where: str, what: object, p: torch.Tensor, layout: tuple) -> None:
