@@ -1,10 +1,11 @@
 """Run by test_checkpoint_resume.py in fresh processes: train, save, resume, write the result.
 
-    python checkpoint_worker.py OPTIMIZERS START STOP OUT [CHECKPOINT_IN]
+    python checkpoint_worker.py OPTIMIZERS START STOP OUT [CHECKPOINT_IN [WEIGHTS]]
 
 for each optimizer in the comma-separated OPTIMIZERS, trains steps START..STOP-1 (loading
 model and optimizer from CHECKPOINT_IN if given, into freshly built objects) and saves model,
-optimizer and the unperturbed weights to OUT, keyed by optimizer name.
+optimizer and the unperturbed weights to OUT, keyed by optimizer name. WEIGHTS says which
+saved weights the model is loaded with: "model" (as they were, the default) or "true".
 """
 
 import sys
@@ -46,13 +47,13 @@ def train_step(model, opt, step):
         opt.zero_grad()
 
 
-def main(names, start, stop, out, checkpoint=None):
+def main(names, start, stop, out, checkpoint=None, weights="model"):
     saved = torch.load(checkpoint, weights_only=True) if checkpoint else {}
     result = {}
     for name in names.split(","):
         model, opt = build(name)
         if checkpoint:
-            model.load_state_dict(saved[name]["model"])
+            model.load_state_dict(saved[name][weights])
             opt.load_state_dict(saved[name]["optimizer"])
         for step in range(int(start), int(stop)):
             train_step(model, opt, step)
