@@ -546,7 +546,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         skipped = (tag or {}).get("skipped_steps")
         self._skipped_steps = None if skipped is None else skipped.clone()
         self._loaded_weights = None
-        if fingerprint is not None:
+        if fingerprint is not None and self._sharding is None:  # shards: moments are per rank
             pending = checkpoints.PendingWeightsCheck(fingerprint)
             if not checkpoints.resolve_loaded_weights(self, pending, where, final=False):
                 self._loaded_weights = pending  # the model's weights may come later

@@ -33,8 +33,9 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             loss_fn(model(x), y).backward()             # g2 at w + e
         sam.second_step(zero_grad=True)                 # back to w, base step with g2
 
-    or ``sam.step(closure)`` after the first backward, with a closure that runs the second
-    forward/backward (inside ``disable_running_stats``). Clip gradients (if at all) on ``g2``,
+    or ``sam.step(closure)``: after the first backward, with a closure that runs the second
+    forward/backward (inside ``disable_running_stats``), or, as torch calls optimizers, with no
+    gradient yet and a closure that runs both (see :meth:`step`). Clip gradients (if at all) on ``g2``,
     just before :meth:`second_step`. Under an AMP ``GradScaler``, call ``scaler.step(sam)``
     in place of ``second_step()``: the ascent is scale-invariant, and the scaler's
     ``found_inf`` skips the base step.
@@ -311,8 +312,8 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         * the convention of the original SAM code: the first backward ran before the call, so
           the closure runs once, at ``w + e``; returns that loss.
 
-        Either way the closure runs the forward/backward at ``w + e`` with the BatchNorm
-        statistics as the caller set them (``disable_running_stats`` inside it for that pass).
+        The closure cannot tell its calls apart, so each updates BatchNorm statistics unless
+        it prevents that; :meth:`first_step` / :meth:`second_step` keep them those of ``w``.
         ``step()`` with no closure finishes a step begun with :meth:`first_step` (this is
         what ``GradScaler.step(sam)`` calls)."""
         if closure is None:
