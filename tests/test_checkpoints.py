@@ -138,6 +138,24 @@ def test_resume_from_the_true_weights_reapplies_the_perturbation_at_load(case, c
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_adaptive_groups_resume_from_true_weights_along_the_stored_perturbation(name):
+    backend = "reference"  # the fused kernels do not implement adaptive groups
+    model = make_model()
+    opt = build(name, model, backend, adaptive=True)
+    train(model, opt, 0, 4)
+    saved = copy.deepcopy(opt.state_dict())
+    true = opt.unperturbed_state_dict(model)
+    train(model, opt, 4, 7)
+    resumed_model = make_model(seed=1)
+    resumed_model.load_state_dict(true)
+    resumed_opt = build(name, resumed_model, backend, adaptive=True)
+    resumed_opt.load_state_dict(saved)
+    train(resumed_model, resumed_opt, 4, 7)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] == "fp32"])
 def test_true_weights_loaded_after_the_optimizer_state(case, checkpoints):
     saved = checkpoints[case]
