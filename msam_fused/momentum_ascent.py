@@ -482,6 +482,12 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         raises if they are neither the perturbed nor the true weights of the loaded state.
         ``gradient_taken``: the gradients in ``.grad`` were computed at the weights as loaded."""
         if self._loaded_weights is not None:
+            if self._overlap is not None and self._overlap.pending:
+                raise RuntimeError(
+                    f"{where}: a backward ran the overlapped first pass before the model's weights "
+                    "were checked against the optimizer state loaded by load_state_dict(); with "
+                    "overlap_backward, load the model weights before opt.load_state_dict() "
+                    "(opt.zero_grad() undoes this backward)")
             checkpoints.resolve_loaded_weights(self, self._loaded_weights, where, final=True,
                                                gradient_taken=gradient_taken)
             self._loaded_weights = None

@@ -367,3 +367,33 @@ def test_export_to_the_torch_optimizer_continues_as_rho_zero(name):
             o.zero_grad()
     for p, q in zip(model_m.parameters(), model_t.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_with_overlap_backward_the_model_is_loaded_first():
+    model = make_model()
+    opt = build("MSAM", model, "cpu")
+    train(model, opt, 0, 4)
+    saved = {"optimizer": copy.deepcopy(opt.state_dict()), "true": opt.unperturbed_state_dict(model)}
+    opt.overlap_backward(model)
+    train(model, opt, 4, 7)
+    # model first: checked at load, then every backward runs the overlapped pass as usual
+    resumed_model = make_model(seed=1)
+    resumed_model.load_state_dict(saved["true"])
+    resumed_opt = build("MSAM", resumed_model, "cpu")
+    resumed_opt.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    resumed_opt.overlap_backward(resumed_model)
+    train(resumed_model, resumed_opt, 4, 7)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the other order: the first pass would run on unchecked weights; refused, and zero_grad recovers
+    late_model = make_model(seed=1)
+    late_opt = build("MSAM", late_model, "cpu")
+    late_opt.load_state_dict(copy.deepcopy(saved["optimizer"]))
+    late_opt.overlap_backward(late_model)
+    late_model.load_state_dict(saved["true"])
+    loss_on(late_model, 4).backward()
+    with pytest.raises(RuntimeError, match="load the model weights before opt.load_state_dict"):
+        late_opt.step()
+    late_opt.zero_grad()
+    with late_opt.unperturbed():  # the check passes once no backward is pending
+        assert all(torch.equal(p, q) for p, q in zip(late_model.parameters(), saved["true"].values()))
