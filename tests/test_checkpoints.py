@@ -254,6 +254,20 @@ def as_msam(name, model, backend, rho, **kw):
                                                        "backend": backend, **kw})
 
 
+def continue_side_by_side(model_t, torch_opt, model_m, opt):
+    """Steps 3-5 with the torch optimizer and with MSAM (``rho = 0``), MSAM's gradients taken
+    at ``w`` as torch's are (only the first step's perturbation, if any, makes a difference):
+    the weights stay equal."""
+    for step in range(3, 6):
+        for m, o in ((model_t, torch_opt), (model_m, opt)):
+            with opt.unperturbed():
+                loss_on(m, step).backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model_m.parameters(), model_t.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_warm_start_from_the_torch_optimizer_carries_the_moments_over(name, backend):
@@ -268,13 +282,7 @@ def test_warm_start_from_the_torch_optimizer_carries_the_moments_over(name, back
         theirs, ours = torch_opt.state[q], opt.state[p]
         assert all(torch.equal(theirs[k].float(), ours[k]) for k in theirs)
         assert float(ours["perturbation_coef"]) == 0.0  # nothing applied yet
-    for step in range(3, 6):  # with rho = 0 MSAM is its torch optimizer
-        for m, o in ((model_t, torch_opt), (model_m, opt)):
-            loss_on(m, step).backward()
-            o.step()
-            o.zero_grad()
-    for p, q in zip(model_m.parameters(), model_t.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    continue_side_by_side(model_t, torch_opt, model_m, opt)  # rho = 0: MSAM is its torch optimizer
 
 
 def test_warm_start_then_perturbs_from_the_first_step():
@@ -358,15 +366,8 @@ def test_export_to_the_torch_optimizer_continues_as_rho_zero(name):
     model_t.load_state_dict(opt.unperturbed_state_dict(model_m))
     torch_opt = torch_run(name, model_t, 0)
     torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch may alias the tensors
-    opt.param_groups[0]["rho"] = 0.0  # MSAM from here on is its torch optimizer ...
-    for step in range(3, 6):
-        for m, o in ((model_t, torch_opt), (model_m, opt)):
-            with opt.unperturbed():  # ... once the first gradient is taken at w, as torch's is
-                loss_on(m, step).backward()
-            o.step()
-            o.zero_grad()
-    for p, q in zip(model_m.parameters(), model_t.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    opt.param_groups[0]["rho"] = 0.0  # MSAM from here on is its torch optimizer
+    continue_side_by_side(model_t, torch_opt, model_m, opt)
 
 
 def test_with_overlap_backward_the_model_is_loaded_first():
