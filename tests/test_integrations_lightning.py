@@ -59,6 +59,19 @@ class Tiny(L.LightningModule):
         return self.make_optimizer(self.parameters())
 
 
+class ManualTiny(Tiny):
+    def __init__(self, make_optimizer, seed=0):
+        super().__init__(make_optimizer, seed)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        opt.step()
+        opt.zero_grad()
+
+
 def loader(xy, batch_size=None):
     dataset = torch.utils.data.TensorDataset(*xy)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size or len(dataset), shuffle=False)
@@ -100,10 +113,10 @@ def module_weights(state_dict):
     return {k.removeprefix("net."): v for k, v in state_dict.items()}
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_validation_checkpoints_and_final_model_hold_true_weights(tmp_path, name):
+@pytest.mark.parametrize("name, module", [("msam", Tiny), ("adamw_msam", Tiny), ("msam", ManualTiny)])
+def test_validation_checkpoints_and_final_model_hold_true_weights(tmp_path, name, module):
     epochs = 3
-    model = Tiny(OPTIMIZERS[name])
+    model = module(OPTIMIZERS[name])
     fit = trainer(tmp_path, epochs)
     fit.fit(model, loader(TRAIN), loader(VAL))
     val_losses, true_states, perturbed_states = plain_loop(OPTIMIZERS[name], epochs)
