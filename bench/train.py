@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -314,7 +316,7 @@ class Run:
         self.epoch, self.step = 0, 0                 # the data position: next batch to train on
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         self.history: list[dict] = []
-        self.busy_s, self.wall_s, self.images = 0.0, 0.0, 0
+        self.wall_s = 0.0
 
     # --------------------------------------------------------------------- checkpoints
     @property
@@ -340,7 +342,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng, "position": {"epoch": self.epoch, "step": self.step},
             "epoch_sums": self.sums, "history": self.history,
-            "timing": {"busy_s": self.busy_s, "wall_s": self.wall_s, "images": self.images},
+            "timing": {"wall_s": self.wall_s},
         }, self.checkpoint_path)
 
     def restore(self, path) -> None:
@@ -372,7 +374,7 @@ class Run:
         self.epoch, self.step = state["position"]["epoch"], state["position"]["step"]
         self.sums = state["epoch_sums"].to(self.proc.device)
         self.history = state["history"]
-        self.busy_s, self.wall_s, self.images = (state["timing"][k] for k in ("busy_s", "wall_s", "images"))
+        self.wall_s = state["timing"]["wall_s"]
 
     @staticmethod
     def extends(saved: dict, now: dict, position: dict) -> bool:
@@ -403,7 +405,6 @@ class Run:
                 self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
                                           torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
                 self.step += 1
-                self.images += len(y) * self.proc.world
                 bar.update()
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0 \
                         and self.step < self.steps_per_epoch:
@@ -412,7 +413,6 @@ class Run:
                     tick = time.perf_counter()
             busy += self._lap(tick)
             bar.close()
-            self.busy_s += busy
             images = (self.steps_per_epoch - first_step) * args.batch_size
             self._end_epoch(images / busy if busy else None, time.perf_counter() - started)
             if epoch_lines and self.proc.is_main:
@@ -471,8 +471,17 @@ class Run:
         last = self.history[-1]
         return {"optimizer": self.name, "backend": optimizer_backend(self.opt),
                 "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                "images_per_s": self.images / self.busy_s if self.busy_s else None,
+                "images_per_s": typical_speed(self.history),
                 "history": self.history}
+
+
+def typical_speed(history: list) -> Optional[float]:
+    """Images/s of a run: the median over its epochs after the first, which pays one-time costs
+    (lazy initialisation, allocator growth, compilation) that would bias a comparison against
+    whichever optimizer trains first; the first epoch when there is no other."""
+    speeds = [h["images_per_s"] for h in history[1:] if h["images_per_s"]]
+    speeds = speeds or [h["images_per_s"] for h in history[:1] if h["images_per_s"]]
+    return statistics.median(speeds) if speeds else None
 
 
 def epoch_line(name: str, record: dict, epochs: int, seconds: float) -> str:
