@@ -14,13 +14,9 @@ from msam_fused.momentum_ascent import MomentumAscentOptimizer
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside trainers' wrappers (``AcceleratedOptimizer``, ``LightningOptimizer``,
     anything else that keeps it in ``.optimizer``); ``optimizer`` itself when it wraps nothing."""
-    seen = set()
-    while not isinstance(optimizer, MomentumAscentOptimizer) and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, Optimizer) and not hasattr(inner, "optimizer"):
-            break
-        optimizer = inner
+    inner = getattr(optimizer, "optimizer", None)
+    while isinstance(inner, Optimizer) and inner is not optimizer:
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
     return optimizer
 
 
@@ -94,9 +90,11 @@ class TrueWeightsSwitch:
     @torch.no_grad()
     def keep_true(self) -> None:
         """Training is over: the true weights stay in the parameters. An optimizer stepped again
-        finds the true weights and re-applies its perturbation (docs/integrations.md)."""
+        re-applies its perturbation first (docs/integrations.md)."""
         if not self.optimizers:
             return
+        for optimizer in self.optimizers:
+            perturb_again_before_next_step(optimizer)
         self.show_true()
         params = [p for optimizer in self.optimizers for g in optimizer.param_groups for p in g["params"]]
         weights = [p.detach().clone() for p in params]
@@ -109,3 +107,23 @@ class TrueWeightsSwitch:
         """The parameters were replaced by true weights from elsewhere (a checkpoint loaded)."""
         self.show_perturbed()
         self.optimizers = []
+
+
+def perturb_again_before_next_step(optimizer: MomentumAscentOptimizer) -> None:
+    """Before ``optimizer``'s next step (if any), put its perturbation back on parameters that
+    will hold the true weights: by loading the state dict taken now, whose fingerprints tell the
+    optimizer which weights are which (docs/integrations.md). Loading another state dict first
+    cancels this."""
+    saved = optimizer.state_dict()
+    hooks = []
+
+    def cancel(*_) -> None:
+        while hooks:
+            hooks.pop().remove()
+
+    def perturb_again(opt, args, kwargs) -> None:
+        cancel()
+        opt.load_state_dict(saved)
+
+    hooks.append(optimizer.register_step_pre_hook(perturb_again))
+    hooks.append(optimizer.register_load_state_dict_pre_hook(cancel))
