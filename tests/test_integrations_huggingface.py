@@ -63,12 +63,12 @@ class RecordAtSaves(transformers.TrainerCallback):
         self.reported_losses[state.global_step] = metrics["eval_loss"]
 
 
-def trainer(tmp_path, model, name, max_steps, callbacks=()):
+def trainer(tmp_path, model, name, max_steps, callbacks=(), **arguments):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=len(TRAIN),
         per_device_eval_batch_size=len(EVAL), eval_strategy="steps", eval_steps=3, save_strategy="steps",
         save_steps=3, lr_scheduler_type="cosine", report_to="none", use_cpu=True, disable_tqdm=True,
-        logging_strategy="no", seed=0)
+        logging_strategy="no", seed=0, **arguments)
     return transformers.Trainer(model=model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
                                 callbacks=[*callbacks, TrueWeightsCallback()],
                                 optimizer_cls_and_kwargs=OPTIMIZERS[name])
@@ -109,3 +109,11 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, name):
     trainer(tmp_path / "resumed", resumed, name, 6).train(
         resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"))
     torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoints_true_weights(tmp_path):
+    model = tiny_bert(0)
+    hf = trainer(tmp_path, model, "msam", 6, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    hf.train()
+    best = load_file(tmp_path / hf.state.best_model_checkpoint.split("/")[-1] / "model.safetensors")
+    torch.testing.assert_close({k: v for k, v in model.state_dict().items() if k in best}, best)

@@ -187,3 +187,18 @@ def test_sam_under_automatic_optimization_runs_both_passes(tmp_path):
         F.cross_entropy(reference(x), y).backward()
         sam.second_step(zero_grad=True)
     torch.testing.assert_close(model.net.state_dict(), reference.state_dict())
+
+
+class FailsAtEpoch(Tiny):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 2:
+            raise RuntimeError("stop here")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_interrupted_fit_leaves_the_true_weights(tmp_path):
+    model = FailsAtEpoch(OPTIMIZERS["msam"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer(tmp_path, 4).fit(model, loader(TRAIN), loader(VAL))
+    _, true_states, _ = plain_loop(OPTIMIZERS["msam"], 2)
+    torch.testing.assert_close(model.net.state_dict(), true_states[-1])
