@@ -64,11 +64,11 @@ class RecordAtSaves(transformers.TrainerCallback):
 
 
 def trainer(tmp_path, model, name, max_steps, callbacks=(), **arguments):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=len(TRAIN),
-        per_device_eval_batch_size=len(EVAL), eval_strategy="steps", eval_steps=3, save_strategy="steps",
-        save_steps=3, lr_scheduler_type="cosine", report_to="none", use_cpu=True, disable_tqdm=True,
-        logging_strategy="no", seed=0, **arguments)
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path), "max_steps": max_steps, "per_device_train_batch_size": len(TRAIN),
+        "per_device_eval_batch_size": len(EVAL), "eval_strategy": "steps", "eval_steps": 3,
+        "save_strategy": "steps", "save_steps": 3, "lr_scheduler_type": "cosine", "report_to": "none",
+        "use_cpu": True, "disable_tqdm": True, "logging_strategy": "no", "seed": 0, **arguments})
     return transformers.Trainer(model=model, args=args, train_dataset=TRAIN, eval_dataset=EVAL,
                                 callbacks=[*callbacks, TrueWeightsCallback()],
                                 optimizer_cls_and_kwargs=OPTIMIZERS[name])
@@ -117,3 +117,17 @@ def test_load_best_model_at_end_keeps_the_best_checkpoints_true_weights(tmp_path
     hf.train()
     best = load_file(tmp_path / hf.state.best_model_checkpoint.split("/")[-1] / "model.safetensors")
     torch.testing.assert_close({k: v for k, v in model.state_dict().items() if k in best}, best)
+
+
+def test_the_last_checkpoint_resumes_a_longer_run(tmp_path):
+    # The last checkpoint is written on the true weights kept at the end of training, with the
+    # optimizer state of that moment: a longer run resumed from it is the straight longer run
+    # (up to the rounding of re-applying the perturbation, fp32).
+    straight = tiny_bert(0)
+    trainer(tmp_path / "straight", straight, "msam", 9, lr_scheduler_type="constant").train()
+    first = tiny_bert(0)
+    trainer(tmp_path / "first", first, "msam", 6, lr_scheduler_type="constant").train()
+    resumed = tiny_bert(1)
+    trainer(tmp_path / "resumed", resumed, "msam", 9, lr_scheduler_type="constant").train(
+        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-6"))
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=1e-5, atol=1e-6)

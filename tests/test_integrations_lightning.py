@@ -171,6 +171,23 @@ def test_resume_from_a_true_weights_checkpoint_continues_the_run(tmp_path, name)
                                rtol=1e-5, atol=1e-6)
 
 
+def test_a_checkpoint_saved_after_fit_resumes_a_longer_run(tmp_path):
+    # After fit the model holds the true weights; trainer.save_checkpoint() then stores them
+    # with the optimizer state of the end of training, so a longer run resumes from it.
+    make = OPTIMIZERS["msam"]
+    straight = Tiny(make)
+    trainer(tmp_path / "straight", 4).fit(straight, loader(TRAIN), loader(VAL))
+    first = Tiny(make)
+    fit = trainer(tmp_path / "first", 2)
+    fit.fit(first, loader(TRAIN), loader(VAL))
+    fit.save_checkpoint(tmp_path / "after-fit.ckpt")
+    saved = torch.load(tmp_path / "after-fit.ckpt", weights_only=False)
+    torch.testing.assert_close(module_weights(saved["state_dict"]), first.net.state_dict(), rtol=0, atol=0)
+    resumed = Tiny(make, seed=1)
+    trainer(tmp_path / "resumed", 4).fit(resumed, loader(TRAIN), loader(VAL), ckpt_path=tmp_path / "after-fit.ckpt")
+    torch.testing.assert_close(resumed.net.state_dict(), straight.net.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 def test_sam_under_automatic_optimization_runs_both_passes(tmp_path):
     # Lightning calls SAM.step(closure) with a closure that runs forward and backward: SAM runs
     # it for the gradient at w, ascends, and runs it again at w + e.

@@ -78,15 +78,31 @@ def test_the_switch_shows_true_weights_for_a_while_and_keeps_them_at_the_end():
     with switch.true():
         torch.testing.assert_close(weights(model), true, rtol=0, atol=0)
     torch.testing.assert_close(weights(model), perturbed, rtol=0, atol=0)
-    switch.keep_true()
+    state = opt.state_dict()
+    switch.finish()
     torch.testing.assert_close(weights(model), true, rtol=0, atol=0)
     assert switch.optimizers == []
-    switch.keep_true()  # once only: the true weights are not moved again
+    switch.finish()  # once only: the true weights are not moved again
     torch.testing.assert_close(weights(model), true, rtol=0, atol=0)
+    # the state that goes with them is the one of the end of training
+    final = switch.final_state_dict(opt)
+    torch.testing.assert_close(final["state"], state["state"], rtol=0, atol=0)
 
 
-def test_an_optimizer_stepped_after_keep_true_continues_the_run():
-    # keep_true() leaves the true weights; the next step puts the perturbation back first,
+def test_finishing_keeps_what_the_trainer_put_in_the_parameters():
+    model, opt, _ = trained()
+    switch = TrueWeightsSwitch()
+    switch.stepped([opt])
+    switch.show_true()
+    best = {k: torch.full_like(v, 0.5) for k, v in weights(model).items()}  # a best checkpoint loaded
+    model.load_state_dict(best)
+    switch.finish(replaced=True)
+    torch.testing.assert_close(weights(model), best, rtol=0, atol=0)
+    assert switch.final_state_dict(opt) is None
+
+
+def test_an_optimizer_stepped_after_finish_continues_the_run():
+    # finish() leaves the true weights; the next step puts the perturbation back first,
     # which rounds: equal to the uninterrupted run up to that rounding (fp32).
     model, opt, closure = trained()
     twin_model = copy.deepcopy(model)
@@ -95,9 +111,10 @@ def test_an_optimizer_stepped_after_keep_true_continues_the_run():
     twin_closure = closure_for(twin_model, twin_opt)
     switch = TrueWeightsSwitch()
     switch.stepped([opt])
-    switch.keep_true()
+    switch.finish()
     for _ in range(3):
         opt.step(closure)
         twin_opt.step(twin_closure)
     torch.testing.assert_close(opt.unperturbed_state_dict(model), twin_opt.unperturbed_state_dict(twin_model),
                                rtol=1e-5, atol=1e-6)
+    assert switch.final_state_dict(opt) is None  # stepped since: no longer the state of those weights

@@ -56,15 +56,11 @@ class TrueWeightsCallback(TrainerCallback):
         self._before_evaluate_or_save(control)
 
     def _before_evaluate_or_save(self, control: TrainerControl) -> None:
-        if control.should_training_stop:
-            self._switch.keep_true()  # before the Trainer may load the best checkpoint
-        elif control.should_evaluate or control.should_save:
+        # the last step: what follows (evaluation, the last checkpoint) sees the true weights
+        if control.should_evaluate or control.should_save or control.should_training_stop:
             self._switch.show_true()
         else:
             self._switch.show_perturbed()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            self._switch.forget()  # the Trainer loaded the best checkpoint's true weights
-        else:
-            self._switch.keep_true()
+        self._switch.finish(replaced=args.load_best_model_at_end and state.best_model_checkpoint is not None)

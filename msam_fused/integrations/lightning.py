@@ -53,9 +53,14 @@ class TrueWeightsCallback(Callback):
                 # perturbed weights on leaving the context
                 checkpoint["state_dict"] = {k: v.detach().clone() for k, v in
                                             trainer.strategy.lightning_module_state_dict().items()}
+        # after fit (trainer.save_checkpoint): the state that belongs with the true weights held
+        for i, optimizer in enumerate(trainer.optimizers if "optimizer_states" in checkpoint else ()):
+            final = self._switch.final_state_dict(optimizer)
+            if final is not None:
+                checkpoint["optimizer_states"][i] = final
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._switch.keep_true()
+        self._switch.finish()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._switch.keep_true()
+        self._switch.finish()

@@ -50,15 +50,12 @@ def true_weights(*optimizers: Any) -> Iterator[None]:
 class TrueWeightsSwitch:
     """The state a trainer callback keeps: since an optimizer step of this run the parameters
     hold perturbed weights; the callback shows the true ones for a while (evaluation, saving)
-    or keeps them for good (training is over)."""
+    and keeps them when training is over."""
 
     def __init__(self) -> None:
         self.optimizers: list[MomentumAscentOptimizer] = []  # empty: the parameters hold w
         self._shown: Optional[ExitStack] = None
-
-    @property
-    def perturbed(self) -> bool:
-        return bool(self.optimizers) and self._shown is None
+        self._finished: dict[int, PendingPerturbation] = {}
 
     def stepped(self, optimizers: Iterable[Any]) -> None:
         """An optimizer step ran (or is running): from now on the parameters are perturbed."""
@@ -67,8 +64,7 @@ class TrueWeightsSwitch:
     def show_true(self) -> None:
         if self.optimizers and self._shown is None:
             stack = ExitStack()
-            for optimizer in self.optimizers:
-                stack.enter_context(optimizer.unperturbed())
+            stack.enter_context(true_weights(*self.optimizers))
             self._shown = stack
 
     def show_perturbed(self) -> None:
@@ -88,42 +84,51 @@ class TrueWeightsSwitch:
                 self.show_perturbed()
 
     @torch.no_grad()
-    def keep_true(self) -> None:
-        """Training is over: the true weights stay in the parameters. An optimizer stepped again
-        re-applies its perturbation first (docs/integrations.md)."""
+    def finish(self, *, replaced: bool = False) -> None:
+        """Training is over: the parameters keep the true weights (those shown now, if they
+        are). ``replaced``: the trainer has put other true weights in them (its best checkpoint),
+        which stay as they are. Otherwise an optimizer stepped again puts its perturbation back
+        first, and :meth:`final_state_dict` is the state that describes the weights now held."""
         if not self.optimizers:
             return
-        for optimizer in self.optimizers:
-            perturb_again_before_next_step(optimizer)
-        self.show_true()
-        params = [p for optimizer in self.optimizers for g in optimizer.param_groups for p in g["params"]]
-        weights = [p.detach().clone() for p in params]
-        self.show_perturbed()
-        for p, w in zip(params, weights):
-            p.copy_(w)
+        if not replaced:
+            self._finished.update((id(o), PendingPerturbation(o)) for o in self.optimizers)
+            self.show_true()
+        if self._shown is not None:
+            params = [p for optimizer in self.optimizers for g in optimizer.param_groups for p in g["params"]]
+            kept = [p.detach().clone() for p in params]
+            self.show_perturbed()
+            for p, w in zip(params, kept):
+                p.copy_(w)
         self.optimizers = []
 
-    def forget(self) -> None:
-        """The parameters were replaced by true weights from elsewhere (a checkpoint loaded)."""
-        self.show_perturbed()
-        self.optimizers = []
+    def final_state_dict(self, optimizer: Any) -> Optional[dict]:
+        """The state dict ``optimizer`` had when :meth:`finish` kept the true weights, while it
+        has neither stepped nor loaded another since; else None. Saved with the true weights,
+        it resumes the run (its fingerprints say which weights it belongs to)."""
+        pending = self._finished.get(id(unwrap_optimizer(optimizer)))
+        return pending.state_dict if pending is not None and pending.active else None
 
 
-def perturb_again_before_next_step(optimizer: MomentumAscentOptimizer) -> None:
+class PendingPerturbation:
     """Before ``optimizer``'s next step (if any), put its perturbation back on parameters that
-    will hold the true weights: by loading the state dict taken now, whose fingerprints tell the
+    hold the true weights, by loading the state dict taken now, whose fingerprints tell the
     optimizer which weights are which (docs/integrations.md). Loading another state dict first
     cancels this."""
-    saved = optimizer.state_dict()
-    hooks = []
 
-    def cancel(*_) -> None:
-        while hooks:
-            hooks.pop().remove()
+    def __init__(self, optimizer: MomentumAscentOptimizer) -> None:
+        self.state_dict = optimizer.state_dict()
+        self._hooks = [optimizer.register_step_pre_hook(self._perturb_again),
+                       optimizer.register_load_state_dict_pre_hook(self._cancel)]
 
-    def perturb_again(opt, args, kwargs) -> None:
-        cancel()
-        opt.load_state_dict(saved)
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
 
-    hooks.append(optimizer.register_step_pre_hook(perturb_again))
-    hooks.append(optimizer.register_load_state_dict_pre_hook(cancel))
+    def _cancel(self, *_) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
+
+    def _perturb_again(self, optimizer, args, kwargs) -> None:
+        self._cancel()
+        optimizer.load_state_dict(self.state_dict)
