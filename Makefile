@@ -32,7 +32,7 @@ ctest: setup
 
 # The CPU step benchmark of docs/kernels.md (writes bench/results/cpu_fused_step.json).
 bench-cpu: setup
-	$(PY) bench/fused_step_cpu.py
+	$(PY) bench/fused_step_cpu.py --out bench/results/cpu_fused_step.json
 
 clean:
 	rm -rf build *.egg-info msam_fused/*.so $(STAMP)

@@ -15,6 +15,9 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -22,19 +25,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench import provenance  # noqa: E402
+from bench.data import load_digits_data  # noqa: E402
+from bench.models import digits_cnn  # noqa: E402
 from msam_fused import analysis, variants  # noqa: E402
 
 DIRECTIONS = ("momentum", "gradient", "random")
-REPOSITORY = str(Path(__file__).resolve().parent.parent)
 
 
 def digits(device: torch.device, seed: int) -> tuple:
     """The training benchmark's digits data ((x, y) for train and test) and its CNN builder."""
-    if REPOSITORY not in sys.path:  # the package imports as ``bench`` from the repository root
-        sys.path.insert(0, REPOSITORY)
-    from bench.data import load_digits_data
-    from bench.models import digits_cnn
-
     data = load_digits_data(device, seed)
     return ((data.train_x, data.train_y), (data.test_x, data.test_y)), digits_cnn
 
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threshold", type=float, default=0.99, help="variance fraction of the feature rank")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results/analysis")
+    parser.add_argument("--out", default=str(provenance.RUNS / "analysis"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     runs = {name: analyze(name, args, device) for name in args.optimizers.split(",")}

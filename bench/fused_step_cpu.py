@@ -1,7 +1,7 @@
 """One optimizer step on the CPU, ResNet-50's parameter set: the fused MSAM step against
 torch.optim.SGD(fused=True) and against the per-tensor reference (SPEC §5, issue 4's targets).
 
-    python bench/fused_step_cpu.py                     # writes bench/results/cpu_fused_step.json
+    python bench/fused_step_cpu.py --out bench/results/cpu_fused_step.json   # default: runs/
     python bench/fused_step_cpu.py --repeats 31 --out /tmp/run.json
 
 Every timing is the median of ``--repeats`` steps. The contenders run round-robin (one step
@@ -18,12 +18,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
 
 import msam_fused
+from bench import provenance
 from msam_fused import fused_ops
 
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -107,7 +112,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=21, help="timed steps per contender (median)")
     parser.add_argument("--reference-repeats", type=int, default=7, help="timed steps of the slow reference")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_fused_step.json"))
+    parser.add_argument("--out", default=str(provenance.RUNS / "cpu_fused_step.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

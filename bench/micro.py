@@ -17,13 +17,14 @@ move, divided by its time), that bandwidth as a fraction of this device's copy b
 from ``torch.profiler``. Writes JSON (schema in docs/benchmarks.md) and a PNG::
 
     python bench/micro.py --quick                       # a few minutes on a CPU
-    python bench/micro.py --device cuda --out bench/results/micro-h100.json
+    python bench/micro.py --device cuda --out bench/results/micro-h100.json   # default: runs/
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -295,6 +296,10 @@ def launches_per_step(step: Callable, device: torch.device, steps: int = 1) -> f
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cpu":
+        # Kineto, read when the first profile starts, would log two lines per profile and an
+        # error from probing for a GPU (a CUDA build of torch on a machine without one).
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above its highest level, USDT (5)
     call_prepared(step)
     if isinstance(step, _Prepared):
         steps = 1
@@ -432,7 +437,7 @@ def main(argv=None) -> dict:
     p.add_argument("--only", help="time only the cases whose label contains this text")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip launch counts")
     p.add_argument("--threads", type=int, help="CPU threads")
-    p.add_argument("--out", help="JSON path (the PNG goes beside it); default bench/results/micro-<machine>.json")
+    p.add_argument("--out", help="JSON path (the PNG goes beside it); default runs/micro-<machine>.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -465,8 +470,8 @@ def main(argv=None) -> dict:
                    "skipped_param_sets": {}, "results": []})
     for set_name, shapes in param_sets(names, totals, counts, result["skipped_param_sets"]).items():
         result["results"] += bench_set(set_name, shapes, all_cases, args, device, dtype, copy_bps)
-    out = Path(args.out or f"bench/results/micro-{provenance.machine_tag(device)}"
-               f"{'-quick' if args.quick else ''}.json")
+    out = Path(args.out or provenance.RUNS / f"micro-{provenance.machine_tag(device)}"
+                                             f"{'-quick' if args.quick else ''}.json")
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

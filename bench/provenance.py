@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+from pathlib import Path
 
 import torch
 
@@ -25,8 +26,13 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+#: Where benchmarks write when no ``--out`` is given: ignored by git. The committed results in
+#: bench/results/ are only ever written on purpose, with ``--out`` (docs/benchmarks.md).
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
 def machine_tag(device: torch.device) -> str:
-    """A file-name-safe name of the machine, for bench/results/."""
+    """A file-name-safe name of the machine, for result file names."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON path (PNG beside it); default bench/results/speed-ratio-<machine>-<model>.json")
+    p.add_argument("--out", help="JSON path (PNG beside it); default runs/speed-ratio-<machine>-<model>.json")
     return p
 
 
@@ -307,8 +307,8 @@ def main(argv=None) -> dict:
               "results": rows}
     if proc.is_main:
         print(table(rows))
-        out = Path(args.out or f"bench/results/speed-ratio-{provenance.machine_tag(proc.device)}-"
-                   f"{args.model}{'-quick' if args.quick else ''}.json")
+        out = Path(args.out or provenance.RUNS / f"speed-ratio-{provenance.machine_tag(proc.device)}-"
+                                                 f"{args.model}{'-quick' if args.quick else ''}.json")
         write_json(out, result)
         plot(result, out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")

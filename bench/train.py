@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: import bench/ as a package of the repository
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -67,11 +69,16 @@ PRESETS = {
                              label_smoothing=0.1,
                              msam_rho=1.0, sam_rho=0.05),  # epochs, rhos: ours
 }
-DEFAULTS = dict(model=None, data="digits", optimizer="msam", lr=0.05, momentum=0.9,
-                weight_decay=5e-4, beta1=0.9, beta2=0.999, eps=1e-8, sam_rho=0.05, msam_rho=0.3,
+DEFAULTS = dict(model=None, data="digits", optimizer="msam", momentum=0.9,
+                beta1=0.9, beta2=0.999, eps=1e-8, sam_rho=0.05, msam_rho=0.3,
                 batch_size=64, epochs=12, schedule="cosine", warmup_epochs=0, rho_schedule="constant",
                 rho_schedule_epochs=0,
                 label_smoothing=0.0, clip_grad=0.0)
+# The learning rate and weight decay of each family (bench.optimizers.base_of): an optimizer
+# takes its family's unless --lr/--weight-decay are given; a preset's are those of its own
+# optimizer's family. So `--compare sgd,adamw` trains each with a recipe that suits it.
+RECIPE_FLAGS = ("lr", "weight_decay")
+FAMILY_RECIPES = {"sgd": dict(lr=0.05, weight_decay=5e-4), "adamw": dict(lr=1e-3, weight_decay=0.05)}
 # Flags that shape the trajectory: a resumed run must have the values it was saved with.
 VARIANT_FLAGS = ("base", "perturb", "adaptive", "ascent_steps", "ascent_norm", "looksam_k",
                  "looksam_alpha", "esam_beta", "esam_gamma", "mesa_decay", "mesa_temperature",
@@ -108,14 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "from the same initialisation, e.g. sgd,sam,msam")
     opt.add_argument("--backend", default="auto", choices=msam_fused.backends.BACKEND_NAMES,
                      help="msam_fused backend for SAM/MSAM")
-    opt.add_argument("--torch-impl", default="default", choices=TORCH_IMPLS,
-                     help="torch.optim implementation for SGD/NAG/AdamW and SAM's base")
+    opt.add_argument("--torch-impl", default="fused", choices=TORCH_IMPLS,
+                     help="torch.optim implementation for SGD/NAG/AdamW and SAM's base (default: "
+                     "fused, torch's fastest on CPU and CUDA, as MSAM's kernels are ours)")
     opt.add_argument("--sam-ascent", default="local", choices=ASCENTS,
                      help="SAM under DDP: ascend on each rank's own gradient (local, no extra "
                      "all-reduce) or on the all-reduced one (global)")
-    opt.add_argument("--lr", type=float)
+    opt.add_argument("--lr", type=float, help="default: the optimizer family's (SGD-like 0.05, "
+                     "AdamW-like 1e-3) or the preset's")
     opt.add_argument("--momentum", type=float)
-    opt.add_argument("--weight-decay", "--wd", type=float, dest="weight_decay")
+    opt.add_argument("--weight-decay", "--wd", type=float, dest="weight_decay",
+                     help="default: the family's (5e-4, 0.05) or the preset's")
     opt.add_argument("--beta1", type=float)
     opt.add_argument("--beta2", type=float)
     opt.add_argument("--eps", type=float)
@@ -171,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the preset, then from the defaults; check that they fit."""
     preset = PRESETS.get(args.preset, {})
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, preset.get(key, default))
@@ -186,11 +197,17 @@ def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--compare: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     if len(set(args.optimizers)) != len(args.optimizers):
         raise UsageError(f"--compare lists an optimizer twice: {args.compare}")
+    preset_family = base_of(preset.get("optimizer", DEFAULTS["optimizer"])) if preset else None
+    args.recipes = {name: {**FAMILY_RECIPES[base_of(name)],
+                           **({k: preset[k] for k in RECIPE_FLAGS if k in preset}
+                              if base_of(name) == preset_family else {}),
+                           **given} for name in args.optimizers}
     positive = ("lr", "epochs", "batch_size", "synthetic_steps", "eps")
     non_negative = ("weight_decay", "sam_rho", "msam_rho", "warmup_epochs", "rho_schedule_epochs",
                     "clip_grad", "momentum", "checkpoint_every")
     for key in positive + non_negative:
-        value = getattr(args, key)
+        values = [r[key] for r in args.recipes.values()] if key in RECIPE_FLAGS else [getattr(args, key)]
+        value = min(values)
         if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} must be {'positive' if key in positive else '>= 0'}, got {value}")
@@ -212,8 +229,9 @@ def resolve_flags(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def hyper(args) -> Hyper:
-    return Hyper(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+def hyper(args, name: str) -> Hyper:
+    recipe = args.recipes[name]
+    return Hyper(lr=recipe["lr"], momentum=args.momentum, weight_decay=recipe["weight_decay"],
                  betas=(args.beta1, args.beta2), eps=args.eps, sam_rho=args.sam_rho,
                  msam_rho=args.msam_rho)
 
@@ -270,7 +288,7 @@ class Run:
         if args.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         try:
-            self.opt = build_optimizer(name, self.net, hyper(args), backend=args.backend,
+            self.opt = build_optimizer(name, self.net, hyper(args, name), backend=args.backend,
                                        torch_impl=args.torch_impl, variant=args.variant, seed=args.seed)
         except ValueError as err:
             raise UsageError(f"--optimizer {name}: {err}") from None
@@ -298,7 +316,7 @@ class Run:
         self.epoch, self.step = 0, 0                 # the data position: next batch to train on
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         self.history: list[dict] = []
-        self.busy_s, self.wall_s, self.images = 0.0, 0.0, 0
+        self.wall_s = 0.0
 
     # --------------------------------------------------------------------- checkpoints
     @property
@@ -307,7 +325,8 @@ class Run:
 
     def trajectory_flags(self) -> dict:
         flags = {k: getattr(self.args, k) for k in TRAJECTORY_FLAGS}
-        return {**flags, "optimizer": self.name, "world_size": self.proc.world}
+        return {**flags, **self.args.recipes[self.name], "optimizer": self.name,
+                "world_size": self.proc.world}
 
     def save(self) -> None:
         if self.checkpoint_path is None:
@@ -323,7 +342,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng, "position": {"epoch": self.epoch, "step": self.step},
             "epoch_sums": self.sums, "history": self.history,
-            "timing": {"busy_s": self.busy_s, "wall_s": self.wall_s, "images": self.images},
+            "timing": {"wall_s": self.wall_s},
         }, self.checkpoint_path)
 
     def restore(self, path) -> None:
@@ -333,12 +352,20 @@ class Run:
         saved, now = state["flags"], self.trajectory_flags()
         differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
                   for k in now if saved.get(k) != now[k]]
-        if differ:
+        extend = differ and self.extends(saved, now, state["position"])
+        if differ and not extend:
             raise UsageError(f"--resume: {path} was written by a different run ("
                              + "; ".join(differ) + "); resume with the same flags")
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        if extend:  # the LR from here on is that of the longer schedule
+            for group, base, factor in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+                group["lr"] = base * factor(self.sched.last_epoch)
+            if self.proc.is_main:
+                print(f"{self.name}: extending the finished run from {saved['epochs']} to "
+                      f"{now['epochs']} epochs (the LR schedule is now that of {now['epochs']})",
+                      file=sys.stderr)
         if self.rho_sched:
             self.rho_sched.load_state_dict(state["rho_scheduler"])
         if self.scaler:
@@ -347,10 +374,19 @@ class Run:
         self.epoch, self.step = state["position"]["epoch"], state["position"]["step"]
         self.sums = state["epoch_sums"].to(self.proc.device)
         self.history = state["history"]
-        self.busy_s, self.wall_s, self.images = (state["timing"][k] for k in ("busy_s", "wall_s", "images"))
+        self.wall_s = state["timing"]["wall_s"]
+
+    @staticmethod
+    def extends(saved: dict, now: dict, position: dict) -> bool:
+        """Only ``--epochs`` grew, and the checkpoint is the end of its run: train on."""
+        others = [k for k in now if k != "epochs" and saved.get(k) != now[k]]
+        finished = position == {"epoch": saved["epochs"], "step": 0}
+        return not others and finished and now["epochs"] > saved["epochs"]
 
     # ------------------------------------------------------------------------ training
-    def train(self, progress: bool) -> dict:
+    def train(self, progress: bool, epoch_lines: bool) -> dict:
+        """Train to ``--epochs``: a tqdm bar per epoch with ``progress``, a printed line per
+        epoch with ``epoch_lines``."""
         from tqdm import tqdm
 
         args = self.args
@@ -369,7 +405,6 @@ class Run:
                 self.sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
                                           torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
                 self.step += 1
-                self.images += len(y) * self.proc.world
                 bar.update()
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0 \
                         and self.step < self.steps_per_epoch:
@@ -378,9 +413,11 @@ class Run:
                     tick = time.perf_counter()
             busy += self._lap(tick)
             bar.close()
-            self.busy_s += busy
             images = (self.steps_per_epoch - first_step) * args.batch_size
             self._end_epoch(images / busy if busy else None, time.perf_counter() - started)
+            if epoch_lines and self.proc.is_main:
+                print(epoch_line(self.name, self.history[-1], args.epochs, time.perf_counter() - started),
+                      flush=True)
             self.save()
         return self.summary()
 
@@ -434,8 +471,24 @@ class Run:
         last = self.history[-1]
         return {"optimizer": self.name, "backend": optimizer_backend(self.opt),
                 "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                "images_per_s": self.images / self.busy_s if self.busy_s else None,
+                "images_per_s": typical_speed(self.history),
                 "history": self.history}
+
+
+def typical_speed(history: list) -> Optional[float]:
+    """Images/s of a run: the median over its epochs after the first, which pays one-time costs
+    (lazy initialisation, allocator growth, compilation) that would bias a comparison against
+    whichever optimizer trains first; the first epoch when there is no other."""
+    speeds = [h["images_per_s"] for h in history[1:] if h["images_per_s"]]
+    speeds = speeds or [h["images_per_s"] for h in history[:1] if h["images_per_s"]]
+    return statistics.median(speeds) if speeds else None
+
+
+def epoch_line(name: str, record: dict, epochs: int, seconds: float) -> str:
+    speed = f"{record['images_per_s']:.0f} images/s" if record["images_per_s"] else "- images/s"
+    return (f"epoch {record['epoch']}/{epochs} {name}: train loss {record['train_loss']:.4f} "
+            f"acc {100 * record['train_acc']:.2f}%, test loss {record['test_loss']:.4f} "
+            f"acc {100 * record['test_acc']:.2f}%, {speed}, {seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -451,7 +504,7 @@ def configure_determinism(args) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def train_one(name: str, args, proc: ddp.Process, data, progress: bool) -> dict:
+def train_one(name: str, args, proc: ddp.Process, data, progress: bool, epoch_lines: bool) -> dict:
     out_dir = Path(args.out_dir) / name if args.out_dir and len(args.optimizers) > 1 else args.out_dir
     run = Run(name, args, proc, data, out_dir)
     if args.resume:
@@ -461,7 +514,7 @@ def train_one(name: str, args, proc: ddp.Process, data, progress: bool) -> dict:
             if proc.is_main:
                 print(f"{name}: resumed from {path} at epoch {run.epoch + 1}, step {run.step}",
                       file=sys.stderr)
-    result = run.train(progress)
+    result = run.train(progress, epoch_lines)
     if proc.is_main and run.out_dir:
         from bench.plots import plot_curves
 
@@ -492,7 +545,10 @@ def main(argv=None) -> dict:
                          shape=data_shape(args), synthetic_batch=args.batch_size // proc.world,
                          synthetic_steps=args.synthetic_steps, workers=args.workers)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
-        results = {name: train_one(name, args, proc, data, progress) for name in args.optimizers}
+        # A bar in a terminal; in a log file (stdout not a terminal) a line per epoch.
+        epoch_lines = not sys.stdout.isatty()
+        results = {name: train_one(name, args, proc, data, progress, epoch_lines)
+                   for name in args.optimizers}
     except (UsageError, DataError, msam_fused.BackendUnavailableError) as err:
         ddp.stop(proc)
         parser.exit(2, f"{parser.prog}: error: {err}\n")

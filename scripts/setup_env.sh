@@ -31,6 +31,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   pip_install $TORCH_SPEC
 fi
 "$PY" -c "import setuptools, wheel" >/dev/null 2>&1 || pip_install "setuptools>=64" wheel
-echo "setup: building and installing msam-fused"
+# The test extra brings the trainer libraries (lightning, transformers, timm) the integration
+# tests run with (docs/integrations.md).
+echo "setup: building and installing msam-fused with its test dependencies"
 pip_install --no-build-isolation -e ".[test]"
 "$PY" -c "import msam_fused, torch; print('setup: msam_fused', msam_fused.__version__, 'torch', torch.__version__)"

@@ -13,7 +13,7 @@ import torch
 
 import msam_fused
 from msam_fused import backends, reference
-from bench import micro, report, speed_ratio
+from bench import micro, provenance, report, speed_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MICRO = ["--param-sets", "none", "--sweep-totals", "4K", "--sweep-tensors", "1,3",
@@ -187,3 +187,21 @@ def test_overlapped_msam_refuses_gradient_clipping():
     opt = build_optimizer("msam-overlap", model, Hyper(), backend="reference")
     with pytest.raises(ValueError, match="cannot be clipped"):
         overlap_backward("msam-overlap", opt, model, StepConfig(clip_grad=1.0))
+
+
+def test_micro_on_a_cpu_prints_no_profiler_noise(tmp_path):
+    """The profiler's log lines (kineto's USDT lines, its GPU probe's error) stay out of the output."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "micro.py"), *TINY_MICRO, "--only", "msam",
+                           "--device", "cpu", "--out", str(tmp_path / "m.json")],
+                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["results"][0]["launches_per_step"] > 0
+    assert "USDT" not in output and "gpuGetDeviceCount" not in output, output[-3000:]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs a git checkout")
+def test_default_outputs_go_under_runs_which_git_ignores():
+    assert provenance.RUNS == REPO / "runs"
+    assert subprocess.run(["git", "check-ignore", "-q", str(provenance.RUNS / "micro.json")], cwd=REPO).returncode == 0

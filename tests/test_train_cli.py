@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,41 @@ def test_variants_train_through_their_own_steps():
     assert set(results) == {"looksam", "esam", "mesa", "sam", "sam-adamw", "msam"}
     for r in results.values():
         assert 0 < r["test_acc"] <= 1 and r["history"][0]["train_acc"] > 0
+
+
+def test_a_line_per_epoch_when_stdout_is_not_a_terminal(capsys):
+    train.main(["--data", "digits", "--optimizer", "msam", "--epochs", "2", "--batch-size", "256", *QUIET])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"epoch {epoch}/2 msam: train loss \d+\.\d{{4}} acc \d+\.\d\d%, test loss "
+                            r"\d+\.\d{4} acc \d+\.\d\d%, \d+ images/s, \d+\.\d s", line), line
+
+
+def test_compare_times_torchs_fused_baselines_with_each_familys_recipe(tmp_path):
+    results = train.main(["--data", "digits", "--compare", "sgd,adamw,sam", "--out-dir", str(tmp_path),
+                          *QUIET])
+    flags = {name: json.loads((tmp_path / name / "log.json").read_text())["flags"] for name in results}
+    assert results["sgd"]["backend"] == results["adamw"]["backend"] == "fused"
+    assert flags["sam"]["torch_impl"] == "fused"  # SAM's base optimizer too
+    for family, names in (("sgd", ("sgd", "sam")), ("adamw", ("adamw",))):
+        for name in names:
+            assert {k: flags[name][k] for k in train.RECIPE_FLAGS} == train.FAMILY_RECIPES[family]
+    # each family at its own recipe learns the digits
+    assert min(r["test_acc"] for r in results.values()) >= 0.95
+
+
+@pytest.mark.parametrize("argv, recipes", [
+    (["--compare", "sgd,adamw", "--lr", "0.01"], {"sgd": (0.01, 5e-4), "adamw": (0.01, 0.05)}),
+    (["--compare", "sgd,adamw", "--wd", "0"], {"sgd": (0.05, 0.0), "adamw": (1e-3, 0.0)}),
+    # a preset's lr and weight decay are its own optimizer's family's
+    (["--preset", "imagenet-vit-s32", "--compare", "msam,adamw-msam"], {"msam": (0.05, 5e-4),
+                                                                        "adamw-msam": (1e-3, 0.1)}),
+    (["--preset", "cifar100-wrn28-10", "--compare", "sam,adamw"], {"sam": (0.5, 5e-4), "adamw": (1e-3, 0.05)}),
+])
+def test_recipe_flags_override_every_family_and_presets_set_their_own(argv, recipes):
+    args = train.resolve_flags(train.build_parser().parse_args(argv))
+    assert {name: (r["lr"], r["weight_decay"]) for name, r in args.recipes.items()} == recipes
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -181,6 +217,46 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(base + ["--optimizer", "msam", "--msam-rho", "0.5", "--resume"])
     assert "msam_rho: 0.3 in the checkpoint, 0.5 now" in capsys.readouterr().err
+
+
+def test_a_finished_run_extends_with_more_epochs(tmp_path, capsys):
+    common = ["--data", "digits", "--optimizer", "msam", "--batch-size", "256", "--schedule", "constant",
+              "--deterministic", *QUIET]
+    train.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "straight")])
+    train.main(common + ["--epochs", "1", "--out-dir", str(tmp_path / "extended")])
+    train.main(common + ["--epochs", "2", "--out-dir", str(tmp_path / "extended"), "--resume"])
+    assert "extending the finished run from 1 to 2 epochs" in capsys.readouterr().err
+    # a constant LR makes the extended run the two-epoch run (the flags now say 2 epochs too)
+    assert_same_run(tmp_path / "straight", tmp_path / "extended")
+
+
+def test_only_a_finished_run_extends_and_only_in_epochs(tmp_path, capsys):
+    common = ["--data", "digits", "--optimizer", "msam", "--batch-size", "256", *QUIET]
+    train.main(common + ["--epochs", "2", "--out-dir", str(tmp_path)])
+    refused = {"--msam-rho": (["--epochs", "3", "--msam-rho", "0.5"], "msam_rho: 0.3 in the checkpoint, 0.5 now"),
+               "fewer epochs": (["--epochs", "1"], "epochs: 2 in the checkpoint, 1 now")}
+    for argv, message in refused.values():
+        with pytest.raises(SystemExit):
+            train.main(common + argv + ["--out-dir", str(tmp_path), "--resume"])
+        assert message in capsys.readouterr().err
+    path = tmp_path / "checkpoint.pt"
+    state = checkpoint.load(path, "cpu")
+    checkpoint.save({**state, "position": {"epoch": 1, "step": 2}}, path)  # as if killed mid-run
+    with pytest.raises(SystemExit):
+        train.main(common + ["--epochs", "3", "--out-dir", str(tmp_path), "--resume"])
+    assert "epochs: 2 in the checkpoint, 3 now" in capsys.readouterr().err
+
+
+def test_temporary_files_of_killed_writers_are_removed_at_the_next_save(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = tmp_path / f".checkpoint.pt.tmp-{dead.stdout.strip()}"
+    live = tmp_path / f".checkpoint.pt.tmp-{os.getppid()}"  # a writer still at work
+    other = tmp_path / ".log.json.tmp-1"  # another file's
+    for f in (orphan, live, other):
+        f.write_bytes(b"partial")
+    checkpoint.save({"step": 1}, tmp_path / "checkpoint.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pt", live.name, other.name])
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
