@@ -39,10 +39,18 @@ from torch import Tensor
 EPS_NORM = 1e-12
 
 name = "reference"
+capabilities = frozenset({"stash", "adaptive"})  # see msam_fused/backends.py
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in for tensors stored in ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_dtype(dtypes) -> torch.dtype:
+    """The dtype of a global norm over tensors stored in ``dtypes``: float64 as soon as one of
+    them is float64, else float32."""
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32
 
 
 def _skip_mask(found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
