@@ -324,6 +324,7 @@ class OverlappedBackward:
                 self._run_pass(self._buckets[key], [r for r, _ in pairs], [g for _, g in pairs])
         return buffer
 
+    @torch.no_grad()  # DDP's communication hook runs with grad mode on
     def _run_pass(self, b: _Bucket, rows: list, grads: list) -> None:
         """The hidden pass over some rows of a bucket; a row without a gradient only adds its
         momentum to the norm. Checks everything first, so a bad gradient changes nothing."""
