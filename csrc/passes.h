@@ -37,6 +37,11 @@ template <typename T>
 struct PassCoefs {
   T coef_old, minus_coef_new, grad_scale;
   bool unscale;
+
+  template <typename C>
+  MSAM_HD static PassCoefs from(double coef_old, double coef_new, double grad_scale, bool unscale) {
+    return {T(C(coef_old)), T(C(-coef_new)), T(C(grad_scale)), unscale};
+  }
 };
 
 template <typename T>
@@ -88,17 +93,13 @@ MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P>& r, int64_t i, const
     terms.nonfinite = nonfinite_marker(g_raw);
     terms.direction = step.new_momentum(p_i, unscaled(g_raw, k), v_old);
   }
-  if constexpr (kPass != Pass::kSumOfSquares) {
+  if constexpr (kPass == Pass::kStep) {
     const T& v_new = terms.direction;
     const T w_old = kHasMaster ? A::load(r.master + i) : shift(p_i, k.coef_old, v_old);
     const T w = kHasGrad ? step.new_weight(w_old, v_new) : w_old;
     if constexpr (kHasGrad) A::store(r.v + i, v_new);
     if constexpr (kHasGrad && kHasMaster) A::store(r.master + i, w);
-    if constexpr (kPass == Pass::kStep) {
-      A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
-    } else if constexpr (!kHasMaster) {
-      A::store(r.p + i, w);
-    }
+    A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
   }
   return terms;
 }
@@ -142,8 +143,8 @@ MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P>& r, int64_t i) {
   if constexpr (kHasGrad) A::store(r.v + i, A::load(r.g + i));
 }
 
-// One element of any MSAM-SGD pass; `skipped` matters only to kFinish (kernels that read
-// found_inf on the device decide per call; the other passes of a skipped step never run).
+// One element of any MSAM-SGD pass; `skipped` matters only to kFinish (a skipped kStep
+// never runs, and the read-only passes do not look at found_inf).
 template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
 MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
                                   const PassCoefs<T>& k, bool skipped = false) {
@@ -174,7 +175,7 @@ MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const A
     g = unscaled(g_raw, k);
     terms.direction = step.new_exp_avg(g, m_old);
   }
-  if constexpr (kPass != Pass::kSumOfSquares) {
+  if constexpr (kPass == Pass::kStep) {
     const T& m_new = terms.direction;
     const T w_old = kHasMaster ? A::load(r.master + i) : shift(A::load(r.p + i), k.coef_old, m_old);
     T w = w_old;
@@ -185,11 +186,7 @@ MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const A
       A::store(r.s + i, s_new);
       if constexpr (kHasMaster) A::store(r.master + i, w);
     }
-    if constexpr (kPass == Pass::kStep) {
-      A::store(r.p + i, shift(w, k.minus_coef_new, m_new));
-    } else if constexpr (!kHasMaster) {
-      A::store(r.p + i, w);
-    }
+    A::store(r.p + i, shift(w, k.minus_coef_new, m_new));
   }
   return terms;
 }
@@ -202,10 +199,12 @@ MSAM_HD void perturb_element(const PerturbRow<P>& r, int64_t i, const T& k) {
   A::store(r.p + i, shift(base, k, A::load(r.x + i)));
 }
 
+// SAM's partials: the norm's term and the gradient's non-finite marker.
 template <typename T, typename P>
-MSAM_HD T sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) {
+MSAM_HD Terms<T> sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) {
   using A = Access<T>;
-  return sam_norm_term(A::load(r.p + i), A::load(r.g + i), adaptive);
+  const T g = A::load(r.g + i);
+  return {sam_norm_term(A::load(r.p + i), g, adaptive), nonfinite_marker(g)};
 }
 
 // SAM's ascent from w = params: params = w + e. The backup copy is the caller's (bit-exact).

@@ -50,12 +50,6 @@ void TensorTable::write_back() {
   temporaries_.clear();
 }
 
-double ordered_sum(const std::vector<double>& partials) {
-  double total = 0.0;
-  for (double x : partials) total += x;
-  return total;
-}
-
 at::Tensor scalar_tensor(double value, at::ScalarType dtype, at::Device device) {
   return at::full({}, value, at::TensorOptions().dtype(dtype).device(device));
 }
@@ -147,6 +141,8 @@ ScalarArg scalar_arg(const c10::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return {};
   switch (t->scalar_type()) {
     case at::kBool: return {t->data_ptr(), ScalarKind::kBool};
+    case at::kHalf: return {t->data_ptr(), ScalarKind::kHalf};
+    case at::kBFloat16: return {t->data_ptr(), ScalarKind::kBFloat16};
     case at::kFloat: return {t->data_ptr(), ScalarKind::kFloat};
     case at::kDouble: return {t->data_ptr(), ScalarKind::kDouble};
     default: TORCH_CHECK(false, "msam_fused: a scalar argument has unsupported dtype ", t->scalar_type());
