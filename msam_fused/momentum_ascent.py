@@ -424,12 +424,13 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         if self._sharding is not None:
             sharding.check_grad(where, str(place), p)
 
-    def _check_gradients(self, where: str, b: PlannedBucket, grads: list) -> None:
-        """Every step: the bucket's parameters and gradients are still of its device and dtype
-        (one grouping call; the per-parameter checks run only to name the culprit). A
-        gradient's layout is checked once per parameter, when the plan is built."""
+    def _check_params(self, where: str, b: PlannedBucket) -> None:
+        """Every step: the bucket's parameters are still of its device and dtype (one grouping
+        call; the per-parameter checks run only to name the culprit). Their gradients match
+        them (torch's ``grad`` setter and autograd see to that); a gradient's layout is checked
+        once per parameter (:meth:`_check_layouts`)."""
         if not b.sharded:
-            groups = torch._C._group_tensors_by_device_and_dtype([b.params, grads], False)
+            groups = torch._C._group_tensors_by_device_and_dtype([b.params], False)
             if len(groups) == 1 and (b.device, b.dtype) in groups:
                 return
         for i, p in zip(b.indices, b.sources):
@@ -480,8 +481,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
                     for gi, c in plan.coefs.items()}
 
         # 1. the read-only passes (or what backward computed): partial sums, non-finite flags
-        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        nonfinite, grads_of, stashed = None, [], []
+        total, nonfinite, grads_of, stashed = None, None, [], []
         for b in plan.buckets:
             ready = None if hidden is None else hidden.get((b.group_index, b.device, b.dtype))
             if ready is not None:
@@ -491,7 +491,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
                 grads = b.grads()
                 if not b.checked_grads:
                     self._check_layouts(where, b, grads)
-                self._check_gradients(where, b, grads)
+                self._check_params(where, b)
                 partials = b.partials_pass(b.params, grads, *b.columns, hyper=b.hyper, norm_dtype=norm_dtype,
                                            grad_scale=_on(grad_scale, b.device), **self._adaptive(b, coef_old))
             grads_of.append(grads)
@@ -500,7 +500,10 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             bad = bad.to(norm_device, non_blocking=True)
             nonfinite = bad if nonfinite is None else nonfinite | bad
             if perturbs(b.group):
-                total = total + (sq * b.norm_weight if b.norm_weight != 1.0 else sq).to(norm_device, non_blocking=True)
+                sq = (sq * b.norm_weight if b.norm_weight != 1.0 else sq).to(norm_device, non_blocking=True)
+                total = sq if total is None else total + sq
+        if total is None:  # no group is perturbed
+            total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
         found_inf = self._skip_flag(where, plan, grads_of, nonfinite, scaler_found_inf)

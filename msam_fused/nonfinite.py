@@ -77,11 +77,10 @@ class SkippedStepCount:
     def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
         if found_inf is None:
             return
-        skipped = (found_inf != 0).to(torch.int64)
         if self._skipped_steps is None:
-            self._skipped_steps = skipped
+            self._skipped_steps = (found_inf != 0).to(torch.int64)
         else:
-            self._skipped_steps.add_(skipped.to(self._skipped_steps.device))
+            self._skipped_steps.add_((found_inf != 0).to(self._skipped_steps.device))
 
     @property
     def skipped_steps(self) -> int:
