@@ -74,7 +74,7 @@ _graph_tables: list = []  # read by captured graphs: never freed
 
 def segments(numel: int) -> int:
     """How many segments (programs, rows of partial sums) a tensor of ``numel`` elements has."""
-    return -(-numel // CHUNK)
+    return -(-int(numel) // int(CHUNK))
 
 
 def launches(device: torch.device, groups: Sequence[Sequence[Record]]) -> list[list[Launch]]:
