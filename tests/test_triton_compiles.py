@@ -98,6 +98,12 @@ def _run_every_op(dtype):
     triton_kernels.sam_ascent_(params, zeros(5000, 3), zeros(5000, 3), scale=coef, adaptive=True,
                                found_inf=flag)
     triton_kernels.sam_restore_(params, zeros(5000, 3))
+    if dtype == cd:  # the stash keeps the old momentum in the gradient: same dtype only
+        stashes = zeros(5000, 3)
+        triton_kernels.msam_sgd_overlap_stash_(params, stashes, state, hyper=sgd, norm_dtype=cd,
+                                               grad_scale=scale)
+        triton_kernels.msam_sgd_overlap_finish_(params, [stashes[0], None], state, hyper=sgd,
+                                                coef_old=coef, coef_new=coef, found_inf=flag)
     ops.sum_segment_partials(torch.zeros(3, 2, dtype=torch.float64), cd)
     ops.perturbation_coef(coef, torch.tensor(0.5, dtype=torch.float64), coef, flag)
 
@@ -106,10 +112,11 @@ def _run_every_op(dtype):
 def test_every_kernel_compiles_for_sm90_with_vector_loads(compiled, dtype):
     _run_every_op(dtype)
     names = {name for name, _, _ in compiled}
+    stash = {"msam_sgd_overlap_stash_kernel", "msam_sgd_overlap_finish_kernel"}
     assert names == {"msam_sgd_partials_kernel", "adamw_msam_partials_kernel",
                      "sam_ascent_partials_kernel", "msam_sgd_step_kernel", "adamw_msam_step_kernel",
                      "advance_steps_kernel", "move_kernel", "sum_segment_partials_kernel",
-                     "perturbation_coef_kernel"}
+                     "perturbation_coef_kernel"} | (set() if dtype == torch.bfloat16 else stash)
     for name, kwargs, kernel in compiled:
         if kwargs.get("ALIGNED"):
             assert VECTOR_LOAD.search(kernel.asm["ptx"]), f"{name}: no vector loads"

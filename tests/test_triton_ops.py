@@ -242,7 +242,7 @@ def test_adaptive_variant_is_refused():
     with pytest.raises(NotImplementedError, match="adaptive"):
         triton_kernels.msam_sgd_step_(**inputs, hyper=hyper("msam"), **coefs(torch.float32),
                                       perturbations=inputs["momenta"])
-    assert triton_kernels.capabilities == frozenset()
+    assert "adaptive" not in triton_kernels.capabilities
 
 
 # ------------------------------------------------------------------- one gradient stream
@@ -346,6 +346,45 @@ def test_tuning_is_a_lookup_never_a_measurement(monkeypatch):
     if DEVICE == "cpu":
         with pytest.raises(RuntimeError, match="GPU"):
             triton_kernels.tune(DEVICE)
+
+
+# --------------------------------------------------- capability "stash": MSAM-SGD in backward
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("found_inf", [None, 0.0, 1.0], ids=["", "finite", "skip"])
+def test_stash_then_finish(dtype, found_inf):
+    """The stash writes the new momenta, keeps the old ones in the gradients and returns the
+    partials of ``msam_sgd_partials``; the finish completes the step as the reference does,
+    and a skipped step leaves every tensor as it was before the stash, bit for bit."""
+    assert "stash" in triton_kernels.capabilities
+    inputs = inputs_for("msam", dtype, sizes=SIZES + [BIG], missing=(1,))
+    before = clone(inputs)
+    stepped = [i for i, g in enumerate(inputs["grads"]) if g is not None]
+    pick = {k: [v[i] for i in stepped] for k, v in inputs.items() if k != "masters"}
+    kwargs = dict(hyper=hyper("msam"), norm_dtype=compute(dtype), grad_scale=torch.tensor(2.0, device=DEVICE))
+    expected = triton_kernels.msam_sgd_partials(**pick, masters=[None] * len(stepped), **kwargs)
+    (ours, got), (ref, want) = run_both("msam_sgd_overlap_stash_", pick, **kwargs)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, before["momenta"][i]) for a, i in zip(ours["grads"], stepped))
+    assert_matches(ours["momenta"], ref["momenta"], STATE_TOL[compute(dtype)])
+    finish = dict(hyper=hyper("msam"), **coefs(dtype), found_inf=flags(found_inf))
+    results = []
+    for backend, state in ((triton_kernels, ours), (reference, ref)):
+        params, momenta, stashes = clone(before["params"]), clone(before["momenta"]), [None] * len(SIZES + [BIG])
+        for j, i in enumerate(stepped):
+            params[i], momenta[i], stashes[i] = state["params"][j], state["momenta"][j], state["grads"][j]
+        backend.msam_sgd_overlap_finish_(params, stashes, momenta, **finish)
+        results.append((params, momenta))
+    assert_matches(results[0][0], results[1][0], STATE_TOL[compute(dtype)])
+    if found_inf:
+        for got_, want_ in zip(results[0], (before["params"], before["momenta"])):
+            assert all(torch.equal(a, b) for a, b in zip(got_, want_))
+
+
+def test_stash_refuses_half_parameters():
+    inputs = inputs_for("msam", torch.bfloat16, sizes=[(3,)], missing=())
+    with pytest.raises(ValueError, match="cannot hold"):
+        triton_kernels.msam_sgd_overlap_stash_(inputs["params"], inputs["grads"], inputs["momenta"],
+                                               hyper=hyper("msam"), norm_dtype=torch.float32)
 
 
 # -------------------------------------------------------------------------- perturbation

@@ -41,7 +41,7 @@ def unavailable_reason(device) -> Optional[str]:
     return None
 
 
-capabilities: frozenset[str] = frozenset()
+capabilities: frozenset[str] = frozenset({"stash"})
 
 def segment_count(numel: int, device) -> int:
     """Rows of partial sums a tensor of ``numel`` elements contributes: one per segment of
@@ -112,6 +112,17 @@ def _per_master_kind(masters: Sequence[Optional[Tensor]], run) -> None:
     for indices, kind in ((without, False), (with_master, True)):
         if indices:
             run(indices, kind)
+
+
+def msam_sgd_overlap_stash_(params, grads, momenta, *, hyper, norm_dtype, grad_scale=None) -> Tensor:
+    return ops.msam_sgd_overlap_stash_(list(params), list(grads), list(momenta), hyper, norm_dtype,
+                                       grad_scale)
+
+
+def msam_sgd_overlap_finish_(params, stashes, momenta, *, hyper, coef_old, coef_new,
+                             found_inf=None) -> None:
+    ops.msam_sgd_overlap_finish_(list(params), list(stashes), list(momenta), hyper, coef_old,
+                                 coef_new, found_inf)
 
 
 def apply_perturbation_(params, directions, masters, *, coef) -> None:

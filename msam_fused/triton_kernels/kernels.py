@@ -389,6 +389,44 @@ def _adamw_msam_step_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
 
 
 @_device_fn
+def _stash_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
+    """MSAM-SGD's new momentum for one row, written to the momentum while the old one goes
+    into the consumed gradient's memory; returns it and the gradient's non-finite flags."""
+    p_ptr, grad_ptr, v_ptr = ptrs
+    weight_decay, momentum, grad_scale = values
+    HAS_SCALE: tl.constexpr = FLAGS[0]
+    CD: tl.constexpr = momentum.dtype
+    v = _load(v_ptr + offs, mask).to(CD)
+    stored, g = _gradient(grad_ptr + offs, mask, grad_scale, CD, HAS_SCALE)
+    v_new = _momentum(_load(p_ptr + offs, mask).to(CD), g, v, weight_decay, momentum)
+    always = tl.full((), 1, tl.int1)
+    _store(grad_ptr + offs, v, mask, always)
+    _store(v_ptr + offs, v_new, mask, always)
+    return v_new, _nonfinite(stored)
+
+
+@_device_fn
+def _finish_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
+    """The rest of an MSAM-SGD step after the stash for one row (the docstring of
+    ``reference.msam_sgd_overlap_finish_``); a skipped step puts the old momentum back."""
+    p_ptr, stash_ptr, v_ptr = ptrs
+    lr, coef_old, coef_new, write = values
+    HAS_STASH: tl.constexpr = FLAGS[0]
+    HAS_FOUND_INF: tl.constexpr = FLAGS[1]
+    CD: tl.constexpr = coef_old.dtype
+    v = _load(v_ptr + offs, mask).to(CD)
+    p = _load(p_ptr + offs, mask).to(CD)
+    if HAS_STASH:
+        v_old = _load(stash_ptr + offs, mask).to(CD)
+        w = p + coef_old * v_old - lr * v
+        if HAS_FOUND_INF:
+            _store(v_ptr + offs, v_old, mask, write == 0)
+    else:
+        w = p + coef_old * v
+    _store(p_ptr + offs, w - coef_new * v, mask, write)
+
+
+@_device_fn
 def _move_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
     """``p = source + SIGN * coef * direction`` (times ``p**2`` when ADAPTIVE).
 
@@ -508,6 +546,31 @@ def adamw_msam_step_kernel(table, hyper, coef_old, coef_new, grad_scale, found_i
               tl.load(coef_old).to(CD), tl.load(coef_new).to(CD),
               _grad_scale(grad_scale, CD, HAS_SCALE), _flag_clear(found_inf, HAS_FOUND_INF))
     _walk(_adamw_msam_step_row, ptrs, values, (HAS_GRAD, HAS_MASTER, HAS_SCALE), lo, hi, UNROLL)
+
+
+@_jit
+def msam_sgd_overlap_stash_kernel(table, partials, hyper, grad_scale, P: tl.constexpr,
+                                  HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
+                                  UNROLL: tl.constexpr, ACC: tl.constexpr):
+    """Operands: param, grad (receives the old momentum), momentum; float32/float64 only, so
+    the state dtype is the parameters'. Hyper: ``reference.MSAM_SGD_HYPER``."""
+    rec, segment, lo, hi = _locate(table)
+    ptrs = (_address(rec, 0, P, ALIGNED), _address(rec, 1, P, ALIGNED), _address(rec, 2, P, ALIGNED))
+    values = (_hyper(hyper, 1, P), _hyper(hyper, 2, P), _grad_scale(grad_scale, P, HAS_SCALE))
+    total, bad = _walk_partials(_stash_row, ptrs, values, (HAS_SCALE,), lo, hi, UNROLL, ACC)
+    _store_partials(partials, rec, segment, total, bad)
+
+
+@_jit
+def msam_sgd_overlap_finish_kernel(table, hyper, coef_old, coef_new, found_inf, P: tl.constexpr,
+                                   HAS_STASH: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                                   ALIGNED: tl.constexpr, UNROLL: tl.constexpr):
+    """Operands: param, stash (the old momentum), momentum (the new one)."""
+    rec, _, lo, hi = _locate(table)
+    ptrs = (_address(rec, 0, P, ALIGNED), _address(rec, 1, P, ALIGNED), _address(rec, 2, P, ALIGNED))
+    values = (_hyper(hyper, 0, P), tl.load(coef_old).to(P), tl.load(coef_new).to(P),
+              _flag_clear(found_inf, HAS_FOUND_INF))
+    _walk(_finish_row, ptrs, values, (HAS_STASH, HAS_FOUND_INF), lo, hi, UNROLL)
 
 
 @_jit

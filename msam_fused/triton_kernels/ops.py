@@ -258,6 +258,56 @@ def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, hyper, coef_old, coe
     return None
 
 
+# --------------------------------------------------- capability "stash": MSAM-SGD during backward
+@torch.library.custom_op(f"{NAMESPACE}::msam_sgd_overlap_stash_", mutates_args=("grads", "momenta"))
+def msam_sgd_overlap_stash_(params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                            hyper: Tensor, norm_dtype: torch.dtype,
+                            grad_scale: Optional[Tensor]) -> Tensor:
+    where = "msam_triton.msam_sgd_overlap_stash_"
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{where}: {dtype} parameters have float32 momenta, which their gradients "
+                         "cannot hold; use msam_sgd_partials")
+    _check_dtypes(where, dtype, params=params, grads=grads, momenta=momenta)
+    _check_hyper(where, hyper, MSAM_SGD_HYPER_LEN, device)
+    records = [Record(row, [p, g, v]) for row, p, g, v in zip(_first_rows(params), params, grads, momenta)]
+    write_back = _stage(records, mutated=(1, 2))
+    partials = _partials_like(params, device)
+    consts = dict(P=_tl(dtype), HAS_SCALE=grad_scale is not None, ACC=_tl(norm_dtype))
+    _launch(kernels.msam_sgd_overlap_stash_kernel, device, [(records, {})], (partials,),
+            (hyper, grad_scale), consts, dtype)
+    _write_back(write_back)
+    return partials
+
+
+@msam_sgd_overlap_stash_.register_fake
+def _(params, grads, momenta, hyper, norm_dtype, grad_scale):
+    return _partials_like(params, params[0].device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::msam_sgd_overlap_finish_", mutates_args=("params", "momenta"))
+def msam_sgd_overlap_finish_(params: list[Tensor], stashes: list[Optional[Tensor]],
+                             momenta: list[Tensor], hyper: Tensor, coef_old: Tensor,
+                             coef_new: Tensor, found_inf: Optional[Tensor]) -> None:
+    where = "msam_triton.msam_sgd_overlap_finish_"
+    dtype, device = params[0].dtype, params[0].device
+    _check_dtypes(where, dtype, params=params, stashes=stashes, momenta=momenta)
+    _check_hyper(where, hyper, MSAM_SGD_HYPER_LEN, device)
+    records = [Record(0, [p, x, v]) for p, x, v in zip(params, stashes, momenta)]
+    write_back = _stage(records, mutated=(0, 2))
+    groups = [([r for r, x in zip(records, stashes) if (x is not None) == has], {"HAS_STASH": has})
+              for has in (True, False)]
+    consts = dict(P=_tl(dtype), HAS_FOUND_INF=found_inf is not None)
+    _launch(kernels.msam_sgd_overlap_finish_kernel, device, groups, (),
+            (hyper, coef_old, coef_new, found_inf), consts, dtype)
+    _write_back(write_back)
+
+
+@msam_sgd_overlap_finish_.register_fake
+def _(params, stashes, momenta, hyper, coef_old, coef_new, found_inf):
+    return None
+
+
 # ---------------------------------------------------------- perturbations and SAM's moves
 def _move(params: Sequence[Tensor], directions: Sequence[Optional[Tensor]],
           sources: Sequence[Optional[Tensor]], backups: Optional[Sequence[Tensor]], *,
