@@ -387,6 +387,49 @@ def test_stash_refuses_half_parameters():
                                                hyper=hyper("msam"), norm_dtype=torch.float32)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="streams and CUDA graph capture need a CUDA GPU")
+def test_captured_step_follows_hyper_changes_after_an_abandoned_capture():
+    """Warm-up on a side stream (tables built there, used on the main stream), then a capture
+    that is never replayed, then a second capture replayed with lr and rho changed in place
+    between replays: every replay equals the eager step. Gradients made inside the captured
+    function get fresh addresses, so each capture builds its own table."""
+    static = inputs_for("msam", torch.float32, sizes=[(5, 3), (1025,), BIG], missing=())
+    eager = clone(static)
+
+    def step(state, h, coef):
+        state = {**state, "grads": [g * 1.0 for g in state["grads"]]}
+        partials = triton_kernels.msam_sgd_partials(**state, hyper=h, norm_dtype=torch.float32)
+        total, nonfinite = triton_kernels.sum_segment_partials(partials, torch.float32)
+        new = triton_kernels.perturbation_coef(total, h[3], coef, nonfinite)
+        triton_kernels.msam_sgd_step_(**state, hyper=h, coef_old=coef, coef_new=new, found_inf=nonfinite)
+        coef.copy_(new)
+
+    h_graph, h_eager = hyper("msam"), hyper("msam")
+    c_graph, c_eager = torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static, h_graph, c_graph)
+    torch.cuda.current_stream().wait_stream(side)
+    step(eager, h_eager, c_eager)
+    abandoned = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(abandoned):
+        step(static, h_graph, c_graph)
+    del abandoned
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(static, h_graph, c_graph)
+    for lr, rho in ((0.1, 0.3), (0.05, 0.6), (0.2, 0.0)):
+        for h in (h_graph, h_eager):
+            h[0], h[3] = lr, rho
+        graph.replay()
+        step(eager, h_eager, c_eager)
+        torch.cuda.synchronize()
+        assert torch.equal(c_graph, c_eager)
+        for key in ("params", "momenta"):
+            assert all(torch.equal(a, b) for a, b in zip(static[key], eager[key])), key
+
+
 # -------------------------------------------------------------------------- perturbation
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("masters", [False, True], ids=["", "masters"])
