@@ -369,7 +369,8 @@ def test_stash_then_finish(dtype, found_inf):
     finish = dict(hyper=hyper("msam"), **coefs(dtype), found_inf=flags(found_inf))
     results = []
     for backend, state in ((triton_kernels, ours), (reference, ref)):
-        params, momenta, stashes = clone(before["params"]), clone(before["momenta"]), [None] * len(SIZES + [BIG])
+        params, momenta = clone(before["params"]), clone(before["momenta"])
+        stashes = [None] * len(params)
         for j, i in enumerate(stepped):
             params[i], momenta[i], stashes[i] = state["params"][j], state["momenta"][j], state["grads"][j]
         backend.msam_sgd_overlap_finish_(params, stashes, momenta, **finish)
@@ -557,7 +558,8 @@ def test_opcheck():
     p, g, v = inputs["params"], inputs["grads"], inputs["momenta"]
     h, c = hyper("msam"), coefs(cd)
     torch.library.opcheck(ops.msam_sgd_partials, (p, g, v, h, cd, None))
-    torch.library.opcheck(ops.msam_sgd_step_, (p, g, v, [], h, c["coef_old"], c["coef_new"], None, flags(0.0)))
+    torch.library.opcheck(ops.msam_sgd_step_,
+                          (p, g, v, [], h, c["coef_old"], c["coef_new"], None, flags(0.0)))
     torch.library.opcheck(ops.perturb_, (p, v, [None, None], c["coef_old"], -1))
     partials = ops.msam_sgd_partials(p, g, v, h, cd, None)
     torch.library.opcheck(ops.sum_segment_partials, (partials, cd))

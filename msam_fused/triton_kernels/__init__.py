@@ -43,6 +43,7 @@ def unavailable_reason(device) -> Optional[str]:
 
 capabilities: frozenset[str] = frozenset({"stash"})
 
+
 def segment_count(numel: int, device) -> int:
     """Rows of partial sums a tensor of ``numel`` elements contributes: one per segment of
     ``kernels.CHUNK`` elements (0 for an empty tensor)."""
@@ -50,6 +51,7 @@ def segment_count(numel: int, device) -> int:
 
 
 def _fused_only(where: str, perturbations) -> None:
+    """The adaptive variant is the reference's alone (``coef_old`` matters only with it)."""
     if perturbations is not None:
         raise NotImplementedError(f"{where}: the adaptive perturbation (perturbations=...) is "
                                   "implemented by the reference backend only")
@@ -74,7 +76,8 @@ def sum_segment_partials(partials: Tensor, norm_dtype: torch.dtype) -> tuple[Ten
 
 
 def perturbation_coef(sum_of_squares, rho, coef_old, found_inf=None) -> Tensor:
-    rho = torch.as_tensor(rho, dtype=torch.float64, device=sum_of_squares.device)
+    if not isinstance(rho, Tensor):  # a fill on the device: no host-to-device copy
+        rho = torch.full((), rho, dtype=torch.float64, device=sum_of_squares.device)
     return ops.perturbation_coef(sum_of_squares, rho, coef_old, found_inf)
 
 

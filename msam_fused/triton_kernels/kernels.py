@@ -23,8 +23,8 @@ Arithmetic runs in the compute dtype ``CD`` (float32, or float64 for float64 ten
 result is rounded to its storage dtype once, where it is written, as in ``reference.py``.
 Hyper-parameters are read from the float64 ``hyper`` vector in device memory; derived scalars
 (the AdamW bias corrections, ``1 - beta``, the decay) are formed in float64 once per program and
-cast once. Divisions and square roots are IEEE round-to-nearest (``div_rn``/``sqrt_rn``), as in
-the C++ kernels; the compiled ``/`` and ``tl.sqrt`` would be approximate in float32.
+cast once. Divisions and square roots are IEEE round-to-nearest (``_div_rn``/``_sqrt_rn``), as
+in the C++ kernels; the compiled float32 ``/`` and ``tl.sqrt`` would be approximate.
 """
 
 import triton

@@ -132,21 +132,31 @@ def _state_consts(dtype: torch.dtype, grad_scale: Optional[Tensor]) -> dict:
 
 
 # -------------------------------------------------------------------- the read-only passes
-@torch.library.custom_op(f"{NAMESPACE}::msam_sgd_partials", mutates_args=())
-def msam_sgd_partials(params: list[Tensor], grads: list[Optional[Tensor]], momenta: list[Tensor],
-                      hyper: Tensor, norm_dtype: torch.dtype, grad_scale: Optional[Tensor]) -> Tensor:
-    where = "msam_triton.msam_sgd_partials"
+def _direction_partials(kernel, where: str, params: list, grads: list, state: dict, operands: list,
+                        hyper: Tensor, hyper_len: int, norm_dtype: torch.dtype,
+                        grad_scale: Optional[Tensor]) -> Tensor:
+    """The read-only pass of MSAM-SGD or AdamW-MSAM: ``state`` names the state list the
+    kernel reads (checked to be of the compute dtype), ``operands`` are each tensor's."""
     dtype, device = params[0].dtype, params[0].device
     _check_dtypes(where, dtype, params=params, grads=grads)
-    _check_dtypes(where, compute_dtype(dtype), momenta=momenta)
-    _check_hyper(where, hyper, MSAM_SGD_HYPER_LEN, device)
-    records = [Record(row, [p, g, v]) for row, p, g, v in zip(_first_rows(params), params, grads, momenta)]
+    _check_dtypes(where, compute_dtype(dtype), **state)
+    _check_hyper(where, hyper, hyper_len, device)
+    records = [Record(row, ops_) for row, ops_ in zip(_first_rows(params), operands)]
     _stage(records, mutated=())
     partials = _partials_like(params, device)
     consts = {**_state_consts(dtype, grad_scale), "ACC": _tl(norm_dtype)}
-    _launch(kernels.msam_sgd_partials_kernel, device, _by_gradient(records, grads, consts),
-            (partials,), (hyper, grad_scale), {}, dtype)
+    _launch(kernel, device, _by_gradient(records, grads, consts), (partials,), (hyper, grad_scale),
+            {}, dtype)
     return partials
+
+
+@torch.library.custom_op(f"{NAMESPACE}::msam_sgd_partials", mutates_args=())
+def msam_sgd_partials(params: list[Tensor], grads: list[Optional[Tensor]], momenta: list[Tensor],
+                      hyper: Tensor, norm_dtype: torch.dtype, grad_scale: Optional[Tensor]) -> Tensor:
+    return _direction_partials(kernels.msam_sgd_partials_kernel, "msam_triton.msam_sgd_partials",
+                               params, grads, dict(momenta=momenta),
+                               [[p, g, v] for p, g, v in zip(params, grads, momenta)],
+                               hyper, MSAM_SGD_HYPER_LEN, norm_dtype, grad_scale)
 
 
 @msam_sgd_partials.register_fake
@@ -159,18 +169,10 @@ def adamw_msam_partials(params: list[Tensor], grads: list[Optional[Tensor]], exp
                         hyper: Tensor, norm_dtype: torch.dtype,
                         grad_scale: Optional[Tensor]) -> Tensor:
     """Reads only ``grads`` and ``exp_avgs`` (``params`` give the dtype and the device)."""
-    where = "msam_triton.adamw_msam_partials"
-    dtype, device = params[0].dtype, params[0].device
-    _check_dtypes(where, dtype, params=params, grads=grads)
-    _check_dtypes(where, compute_dtype(dtype), exp_avgs=exp_avgs)
-    _check_hyper(where, hyper, ADAMW_MSAM_HYPER_LEN, device)
-    records = [Record(row, [m, g]) for row, m, g in zip(_first_rows(params), exp_avgs, grads)]
-    _stage(records, mutated=())
-    partials = _partials_like(params, device)
-    consts = {**_state_consts(dtype, grad_scale), "ACC": _tl(norm_dtype)}
-    _launch(kernels.adamw_msam_partials_kernel, device, _by_gradient(records, grads, consts),
-            (partials,), (hyper, grad_scale), {}, dtype)
-    return partials
+    return _direction_partials(kernels.adamw_msam_partials_kernel, "msam_triton.adamw_msam_partials",
+                               params, grads, dict(exp_avgs=exp_avgs),
+                               [[m, g] for m, g in zip(exp_avgs, grads)],
+                               hyper, ADAMW_MSAM_HYPER_LEN, norm_dtype, grad_scale)
 
 
 @adamw_msam_partials.register_fake
