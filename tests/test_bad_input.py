@@ -1,4 +1,4 @@
-"""SPEC §7: bad input gets a clear error naming the problem and changes nothing."""
+"""Bad input gets a clear error naming the problem and changes nothing."""
 
 import pytest
 import torch
