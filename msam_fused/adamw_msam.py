@@ -24,7 +24,7 @@ class AdamWMSAM(MomentumAscentOptimizer):
         m = b1 * m + (1 - b1) * g;  s = b2 * s + (1 - b2) * g * g
         p = p - (lr / (1 - b1**t)) * m / (sqrt(s) / sqrt(1 - b2**t) + eps)
         p = p * (1 - lr * weight_decay)          # decoupled decay, after the Adam update
-        c_new = rho / (||m|| + 1e-12);  p = p - c_new * m
+        c_new = rho / (||m|| + EPS_NORM);  p = p - c_new * m   # EPS_NORM = 1e-12
 
     Arguments as in ``torch.optim.AdamW`` plus ``rho``, ``adaptive``, ``backend``,
     ``nonfinite`` and ``master_weights``, and the group option ``perturb`` (see

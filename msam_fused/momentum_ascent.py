@@ -689,6 +689,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         self._plan_epoch += 1
+        self._hypers.clear()  # torch replaced the group dicts
         # torch casts every floating state tensor to the parameter's dtype (our state keeps
         # fp32 for low-precision parameters and the coefficient in the norm dtype) and may
         # alias the given tensors (so two optimizers would share state): copy instead.

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from msam_fused import reference
 from msam_fused.momentum_ascent import Algorithm, MomentumAscentOptimizer
 from msam_fused.overlap import DEFAULT_BUCKET_CAP_MB, OverlappedBackward
-from msam_fused.validation import check_hyperparameter, check_number
+from msam_fused.validation import check_hyperparameter
 
 #: MSAM-SGD's part of the step (see msam_fused/momentum_ascent.py)
 MSAM_SGD = Algorithm(
@@ -31,7 +30,7 @@ class MSAM(MomentumAscentOptimizer):
         p = p + c_old * v                 # back to the true weights w
         v = momentum * v + d
         p = p - lr * v
-        c_new = rho / (||v|| + 1e-12)     # one global norm; per-group rho
+        c_new = rho / (||v|| + EPS_NORM) # one global norm; per-group rho; EPS_NORM = 1e-12
         p = p - c_new * v                 # the new perturbation; c_new is remembered
 
     Evaluate or export under :meth:`unperturbed` (or :meth:`unperturbed_state_dict`).

@@ -13,14 +13,14 @@ from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite, step_skip_flag
 from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
-                                   check_number, describe_param)
+                                   check_hyperparameter, describe_param)
 
 
 class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al.) around any ``torch.optim`` optimizer.
 
     Each step takes two forward/backward passes: the gradient ``g1`` at ``w`` gives the ascent
-    ``e = rho * g1 / (||g1|| + 1e-12)`` (adaptive: ``e = rho * w**2 * g1 / || |w| * g1 ||``,
+    ``e = rho * g1 / (||g1|| + EPS_NORM)`` (adaptive: ``e = rho * w**2 * g1 / || |w| * g1 ||``,
     the norm global over all param groups); the gradient ``g2`` at ``w + e`` drives the base
     optimizer's step from ``w``. ``w`` is remembered, not recomputed, so the return is exact.
 
@@ -64,7 +64,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise TypeError("SAM: base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(its arguments go to SAM as keywords), got {base_optimizer!r}")
-        check_number("SAM", "rho", rho)
+        check_hyperparameter("SAM", "rho", rho)
         check_nonfinite_policy("SAM", nonfinite)
         if backend not in backends.BACKEND_NAMES:
             raise ValueError(f"SAM: unknown backend {backend!r}; choose one of "
@@ -330,7 +330,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             if "rho" not in group or "adaptive" not in group:
                 raise ValueError(f"{where}: param group {gi} has no 'rho'/'adaptive': the state "
                                  "dict was not saved by msam_fused.SAM")
-            check_number(f"{where}: saved param group {gi}", "rho", group["rho"])
+            check_hyperparameter(f"{where}: saved param group {gi}", "rho", group["rho"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{where}: the state dict has {len(groups)} param groups, "
                              f"this optimizer has {len(self.param_groups)}")
@@ -361,7 +361,7 @@ def with_copied_state(state_dict: dict) -> dict:
 
 
 def _check_group(where: str, group: dict) -> None:
-    check_number(where, "rho", group["rho"])
+    check_hyperparameter(where, "rho", group["rho"])
     check_flag(where, "adaptive", group["adaptive"])
     check_flag(where, "perturb", group.get("perturb", True))
 
