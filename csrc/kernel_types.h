@@ -32,6 +32,20 @@ struct AdamwMsamHyper {
   enum { kLr, kBeta1, kBeta2, kEps, kWeightDecay, kRho, kSize };
 };
 
+// The columns of each op's tensor table (op_args.h), in the order the kernels read a row.
+struct MsamSgdColumns {  // the grads column holds the stashes in kFinish
+  enum { kParam, kGrad, kMomentum, kMaster, kWidth };
+};
+struct AdamwMsamColumns {
+  enum { kParam, kGrad, kExpAvg, kExpAvgSq, kMaster, kStep, kWidth };
+};
+struct PerturbColumns {
+  enum { kParam, kDirection, kMaster, kWidth };
+};
+struct SamColumns {  // backups only for the ascent itself
+  enum { kParam, kGrad, kBackup, kWidth };
+};
+
 // AdamW's per-tensor scalars at step count t: lr / (1 - beta1^t) and sqrt(1 - beta2^t).
 struct AdamBias {
   double step_size, bias2_sqrt;

@@ -89,7 +89,7 @@ MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList
     const c10::optional<at::Tensor> g = grads[i];
     b.add_row(i, {&params[i], g.has_value() ? &*g : &kAbsent, &momenta[i], optional_at(masters, i)});
   }
-  MsamSgdArgs args{b.finish(), h, {}, {}, {}, {}};
+  MsamSgdArgs args{{}, b.finish(), h, {}, {}, {}, {}};
   args.coef_old = b.scalar("coef_old", coef_old, false);
   args.coef_new = b.scalar("coef_new", coef_new, false);
   args.grad_scale = b.scalar("grad_scale", grad_scale, false);
@@ -131,7 +131,7 @@ AdamwMsamArgs adamw_msam_args(Pass pass, TensorList params, const OptionalTensor
     b.add_row(i, {&params[i], g.has_value() ? &*g : &kAbsent, &exp_avgs[i],
                   optional_at(exp_avg_sqs, i), optional_at(masters, i), optional_at(steps, i)});
   }
-  AdamwMsamArgs args{b.finish(), h, {}, {}, {}, {}};
+  AdamwMsamArgs args{{}, b.finish(), h, {}, {}, {}, {}};
   args.coef_old = b.scalar("coef_old", coef_old, false);
   args.coef_new = b.scalar("coef_new", coef_new, false);
   args.grad_scale = b.scalar("grad_scale", grad_scale, false);
@@ -150,7 +150,7 @@ PerturbArgs perturb_args(TensorList params, TensorList directions, TensorList ma
   check_lengths(b, n, "directions", directions.size(), false);
   check_lengths(b, n, "masters", masters.size(), true);
   for (size_t i = 0; i < n; ++i) b.add_row(i, {&params[i], &directions[i], optional_at(masters, i)});
-  PerturbArgs args{b.finish(), alpha, {}};
+  PerturbArgs args{{}, b.finish(), alpha, {}};
   args.coef = b.scalar("coef", coef, false);
   return args;
 }
@@ -163,7 +163,7 @@ SamArgs sam_partials_args(TensorList params, TensorList grads, bool adaptive) {
                  first_param(op, params));
   check_lengths(b, params.size(), "grads", grads.size(), false);
   for (size_t i = 0; i < params.size(); ++i) b.add_row(i, {&params[i], &grads[i], &kAbsent});
-  return {b.finish(), adaptive, {}, {}};
+  return {{}, b.finish(), adaptive, {}, {}};
 }
 
 SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
@@ -176,7 +176,7 @@ SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
   check_lengths(b, params.size(), "grads", grads.size(), false);
   check_lengths(b, params.size(), "backups", backups.size(), false);
   for (size_t i = 0; i < params.size(); ++i) b.add_row(i, {&params[i], &grads[i], &backups[i]});
-  SamArgs args{b.finish(), adaptive, {}, {}};
+  SamArgs args{{}, b.finish(), adaptive, {}, {}};
   args.scale = b.scalar("scale", scale, false);
   args.found_inf = b.scalar("found_inf", found_inf, true);
   return args;

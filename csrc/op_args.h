@@ -16,9 +16,8 @@ using OptionalTensor = c10::optional<at::Tensor>;
 // `hyper`: the bucket's float64 hyper-parameter vector on the params' device (kernel_types.h
 // says which entry is which). On CUDA only the kernels read it; on the CPU the values are
 // also checked when the op starts.
-// Columns: param, grad (absent: no gradient this step), momentum, master (optional).
-struct MsamSgdArgs {
-  enum { kParam, kGrad, kMomentum, kMaster, kWidth };
+// A grad may be absent (no gradient this step), the masters list may be empty.
+struct MsamSgdArgs : MsamSgdColumns {
   TensorTable table;
   const double* hyper;
   ScalarArg coef_old, coef_new, grad_scale, found_inf;
@@ -29,9 +28,7 @@ MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList
                           const OptionalTensor& coef_old, const OptionalTensor& coef_new,
                           const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
-// Columns: param, grad (optional), exp_avg, exp_avg_sq, master (optional), step.
-struct AdamwMsamArgs {
-  enum { kParam, kGrad, kExpAvg, kExpAvgSq, kMaster, kStep, kWidth };
+struct AdamwMsamArgs : AdamwMsamColumns {
   TensorTable table;
   const double* hyper;
   ScalarArg coef_old, coef_new, grad_scale, found_inf;
@@ -43,9 +40,8 @@ AdamwMsamArgs adamw_msam_args(Pass pass, TensorList params, const OptionalTensor
                               const OptionalTensor& coef_old, const OptionalTensor& coef_new,
                               const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
-// Columns: param, direction, master (optional). params = base + alpha * coef * direction.
-struct PerturbArgs {
-  enum { kParam, kDirection, kMaster, kWidth };
+// params = base + alpha * coef * direction.
+struct PerturbArgs : PerturbColumns {
   TensorTable table;
   double alpha;
   ScalarArg coef;
@@ -53,9 +49,7 @@ struct PerturbArgs {
 PerturbArgs perturb_args(TensorList params, TensorList directions, TensorList masters,
                          const at::Tensor& coef, double alpha);
 
-// Columns: param, grad, backup (only for the ascent itself).
-struct SamArgs {
-  enum { kParam, kGrad, kBackup, kWidth };
+struct SamArgs : SamColumns {
   TensorTable table;
   bool adaptive;
   ScalarArg scale, found_inf;

@@ -24,6 +24,27 @@ struct Access {
   MSAM_HD static void store(S* dst, const T& x) { *dst = static_cast<S>(x); }
 };
 
+// Names the type an element function works in: a scalar C, or a wider type W of several lanes
+// (at::vec::Vectorized<C> on the CPU, a register pack on CUDA).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// A functor (or a pass's coefficients) for single elements and for W, built by
+// F<T>::from<C>(args...) from the same scalars; get(tag) gives the one an element function
+// works in.
+template <template <typename> class F, typename C, typename W>
+struct Both {
+  template <typename... Args>
+  MSAM_HD explicit Both(const Args&... args)
+      : scalar(F<C>::template from<C>(args...)), wide(F<W>::template from<C>(args...)) {}
+  MSAM_HD const F<C>& get(Tag<C>) const { return scalar; }
+  MSAM_HD const F<W>& get(Tag<W>) const { return wide; }
+  F<C> scalar;
+  F<W> wide;
+};
+
 // What one element adds to its pass's sums: the direction (squared for the norm) and its
 // non-finite marker.
 template <typename T>
@@ -50,10 +71,12 @@ MSAM_HD T unscaled(const T& g, const PassCoefs<T>& k) {
 }
 
 // Typed pointers of one parameter's row of the tensor table (nullptr where absent).
-template <typename P>
+// G: the gradient's element type, P where the pass writes into it (kStash moves the old
+// momentum there), const P where it only reads it (CUDA then loads it as read-only data).
+template <typename P, typename G = P>
 struct MsamSgdRow {
   P* p;
-  P* g;  // written only by kStash, which moves the old momentum there
+  G* g;
   state_t<P>* v;
   master_t* master;
 };
@@ -81,8 +104,8 @@ struct SamRow {
   P* backup;
 };
 
-template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
-MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P, typename G>
+MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                         const PassCoefs<T>& k) {
   using A = Access<T>;
   const T p_i = A::load(r.p + i);
@@ -125,8 +148,8 @@ MSAM_HD Terms<T> msam_sgd_stash_element(const MsamSgdRow<P>& r, int64_t i, const
 }
 
 // kFinish: the arithmetic of kStep with v' read back instead of recomputed.
-template <bool kHasGrad, typename T, typename P>
-MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+template <bool kHasGrad, typename T, typename P, typename G>
+MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                      const PassCoefs<T>& k) {
   using A = Access<T>;
   const T v_new = A::load(r.v + i);
@@ -137,16 +160,16 @@ MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P>& r, int64_t i, const Ms
 }
 
 // A skipped overlapped step: the old momentum back from the gradient's memory, bit for bit.
-template <bool kHasGrad, typename T, typename P>
-MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P>& r, int64_t i) {
+template <bool kHasGrad, typename T, typename P, typename G>
+MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P, G>& r, int64_t i) {
   using A = Access<T>;
   if constexpr (kHasGrad) A::store(r.v + i, A::load(r.g + i));
 }
 
 // One element of any MSAM-SGD pass; `skipped` matters only to kFinish (a skipped kStep
 // never runs, and the read-only passes do not look at found_inf).
-template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
-MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P, typename G>
+MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                   const PassCoefs<T>& k, bool skipped = false) {
   if constexpr (kPass == Pass::kStash) {
     return msam_sgd_stash_element<kHasGrad>(r, i, step, k);

@@ -115,6 +115,7 @@ void TableBuilder::add_row(int64_t index, std::initializer_list<const at::Tensor
     check_tensor(index, columns_[c], *t, p);
     if (columns_[c].role != Role::kStep) in_place = in_place && shares_dense_layout(*t, p);
   }
+  bool aligned16 = true;
   for (size_t c = 0; c < columns_.size(); ++c) {
     const at::Tensor* t = cols[c];
     void* ptr = nullptr;
@@ -131,10 +132,12 @@ void TableBuilder::add_row(int64_t index, std::initializer_list<const at::Tensor
       // (no gradient, no master copy): an empty shard's gradient must still count as present,
       // e.g. for AdamW's step count. Nothing is ever read through it.
       if (ptr == nullptr) ptr = &empty_tensor_marker;
+      if (columns_[c].role != Role::kStep) aligned16 = aligned16 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
     }
     table_.ptrs.push_back(ptr);
   }
   table_.numels.push_back(p.numel());
+  table_.aligned16.push_back(aligned16);
 }
 
 ScalarArg scalar_arg(const c10::optional<at::Tensor>& t) {

@@ -43,6 +43,8 @@ struct TensorTable {
   int width = 0;
   std::vector<void*> ptrs;  // rows() * width, row-major; nullptr where a tensor is absent
   std::vector<int64_t> numels;
+  // Per row: whether every element pointer (all but a step count) is 16-byte aligned.
+  std::vector<bool> aligned16;
 
   int64_t rows() const { return static_cast<int64_t>(numels.size()); }
   void* ptr(int64_t row, int col) const { return ptrs[row * width + col]; }

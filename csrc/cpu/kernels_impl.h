@@ -64,12 +64,6 @@ constexpr int64_t kPrefetchAhead = 512;  // elements: a few KB ahead of each str
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
 
-// Names the type an element function works in (a scalar C or a vector Vec<C>).
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // Elements in one T: 1 for a scalar, the vector width for Vec<C>.
 template <typename T>
 constexpr int64_t lanes() {
@@ -171,23 +165,13 @@ T* column(const TensorTable& table, int64_t row, int col) {
   return static_cast<T*>(table.ptr(row, col));
 }
 
-// A functor (or the pass's coefficients) for single elements and for vectors, built by
-// F<T>::from<C>(args...) from the same scalars; get(tag) gives the one an element function
-// works in.
+// Scalar and at::vec versions of a functor (Both, passes.h).
 template <template <typename> class F, typename C>
-struct Both {
-  template <typename... Args>
-  explicit Both(const Args&... args)
-      : scalar(F<C>::template from<C>(args...)), vector(F<Vec<C>>::template from<C>(args...)) {}
-  const F<C>& get(Tag<C>) const { return scalar; }
-  const F<Vec<C>>& get(Tag<Vec<C>>) const { return vector; }
-  F<C> scalar;
-  F<Vec<C>> vector;
-};
+using ScalarAndVec = Both<F, C, Vec<C>>;
 
 template <typename C>
-Both<PassCoefs, C> pass_coefs(const PassScalars& k) {
-  return Both<PassCoefs, C>(k.coef_old, k.coef_new, k.grad_scale, k.unscale);
+ScalarAndVec<PassCoefs, C> pass_coefs(const PassScalars& k) {
+  return ScalarAndVec<PassCoefs, C>(k.coef_old, k.coef_new, k.grad_scale, k.unscale);
 }
 
 // ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
@@ -199,7 +183,7 @@ Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars&
   const MsamSgdRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
                           column<state_t<P>>(a.table, s.row, A::kMomentum),
                           column<master_t>(a.table, s.row, A::kMaster)};
-  const Both<MsamSgdStep, C> step(a.hyper);
+  const ScalarAndVec<MsamSgdStep, C> step(a.hyper);
   const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
     return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag), scalars.skipped);
@@ -216,7 +200,7 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
                             column<state_t<P>>(a.table, s.row, A::kExpAvg),
                             column<state_t<P>>(a.table, s.row, A::kExpAvgSq),
                             column<master_t>(a.table, s.row, A::kMaster)};
-  const Both<AdamwMsamStep, C> step(a.hyper, bias);
+  const ScalarAndVec<AdamwMsamStep, C> step(a.hyper, bias);
   const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
     return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
