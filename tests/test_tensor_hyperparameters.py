@@ -11,23 +11,23 @@ from msam_fused.rho_schedulers import StepRho
 from streams import ADAMW_HYPERS, MSAM_HYPERS, GradientStream, initial_params, relative_error
 
 STEPS = 30
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+            pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
 
 
-def _backend_or_skip(name: str) -> str:
-    reason = msam_fused.available_backends("cpu")[name]
+def _available_or_skip(backend: str, device: str) -> None:
+    reason = msam_fused.available_backends(device)[backend]
     if reason is not None:
-        pytest.skip(f"backend {name!r} does not run here: {reason}")
-    return name
+        pytest.skip(f"backend {backend!r} does not run on {device} here: {reason}")
 
 
-def _as_tensors(hypers: dict, keys=("lr", "rho")) -> dict:
-    return {k: torch.tensor(v, dtype=torch.float64) if k in keys else v for k, v in hypers.items()}
+def _as_tensors(hypers: dict, device, keys=("lr", "rho")) -> dict:
+    return {k: torch.tensor(v, dtype=torch.float64, device=device) if k in keys else v for k, v in hypers.items()}
 
 
-def _run(cls, hypers, backend, tensors: bool):
-    params = [[p.requires_grad_() for p in ps] for ps in initial_params(torch.float32)]
-    groups = [{"params": ps, **(_as_tensors(h) if tensors else h)} for ps, h in zip(params, hypers)]
+def _run(cls, hypers, backend, device, tensors: bool):
+    params = [[p.to(device).requires_grad_() for p in ps] for ps in initial_params(torch.float32)]
+    groups = [{"params": ps, **(_as_tensors(h, device) if tensors else h)} for ps, h in zip(params, hypers)]
     opt = cls(groups, backend=backend)
     lr_schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
     rho_schedule = StepRho(opt, milestone=12, before=1.0, after=2.5)
@@ -35,7 +35,8 @@ def _run(cls, hypers, backend, tensors: bool):
     for step in range(STEPS):
         for gi, ps in enumerate(params):
             for i, p in enumerate(ps):
-                p.grad = stream.grad(step, gi, i, p.detach())
+                grad = stream.grad(step, gi, i, p.detach().cpu())
+                p.grad = None if grad is None else grad.to(device)
         opt.step()
         lr_schedule.step()
         rho_schedule.step()
@@ -46,17 +47,17 @@ def _run(cls, hypers, backend, tensors: bool):
             else:
                 opt.param_groups[1]["rho"] = 0.05
     with opt.unperturbed():
-        true = [p.detach().clone() for ps in params for p in ps]
-    return [p.detach().clone() for ps in params for p in ps], true, opt
+        true = [p.detach().cpu() for ps in params for p in ps]
+    return [p.detach().cpu() for ps in params for p in ps], true, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("cls, hypers", [(msam_fused.MSAM, MSAM_HYPERS), (msam_fused.AdamWMSAM, ADAMW_HYPERS)],
                          ids=["MSAM", "AdamWMSAM"])
-def test_tensor_lr_and_rho_follow_the_float_trajectory(cls, hypers, backend):
-    backend = _backend_or_skip(backend)
-    stored_f, true_f, _ = _run(cls, hypers, backend, tensors=False)
-    stored_t, true_t, opt = _run(cls, hypers, backend, tensors=True)
+def test_tensor_lr_and_rho_follow_the_float_trajectory(cls, hypers, backend, device):
+    _available_or_skip(backend, device)
+    stored_f, true_f, _ = _run(cls, hypers, backend, device, tensors=False)
+    stored_t, true_t, opt = _run(cls, hypers, backend, device, tensors=True)
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the schedulers kept the tensors
     assert float(opt.param_groups[0]["lr"]) == hypers[0]["lr"] * 0.5 ** (STEPS // 7)
     assert relative_error(stored_t, stored_f) <= 1e-5
