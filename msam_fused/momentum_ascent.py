@@ -624,9 +624,11 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             self._overlap.check_idle(where)
 
     # ----------------------------------------------------------------- true weights access
-    def _perturbed_buckets(self) -> list[Bucket]:
-        entries = [(gi, i, g, p, self.state[p]) for gi, g in enumerate(self.param_groups)
-                   for i, p in enumerate(g["params"]) if self.state.get(p)]
+    def layout(self, with_state_only: bool = False) -> list[Bucket]:
+        """Every parameter (or every one with state), bucketed as a step buckets them; the
+        overlapped step plans its passes on these."""
+        entries = [(gi, i, g, p, self.state.get(p)) for gi, g in enumerate(self.param_groups)
+                   for i, p in enumerate(g["params"]) if self.state.get(p) or not with_state_only]
         return self._make_buckets(type(self).__name__, entries)
 
     @contextmanager
@@ -642,7 +644,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
                 self._unperturbed_depth -= 1
             return
         self._check_no_overlapped_update(f"{type(self).__name__}.unperturbed")
-        buckets = self._perturbed_buckets()
+        buckets = self.layout(with_state_only=True)
         saved = [[p.detach().clone() for p in b.params] for b in buckets]
         with torch.no_grad():
             for b in buckets:

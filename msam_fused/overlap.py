@@ -22,8 +22,9 @@ handed to step(), which folds them with ``sum_segment_partials`` as it folds its
 so the norm, and the whole trajectory, is bit for bit that of the plain step.
 
 The optimizer is reached only through its public interface (``param_groups``, ``state``,
-``bucket_backend``, ``hyper``, ``refresh_hypers``, ``norm_dtype``, ``ensure_state``,
-``check_param``, ``attach_overlap`` / ``detach_overlap``, ``in_unperturbed``, ``is_sharded``).
+``layout``, ``hyper``, ``refresh_hypers``, ``norm_dtype``, ``ensure_state``, ``check_param``,
+``attach_overlap`` / ``detach_overlap`` / ``overlap_handle``, ``in_unperturbed``,
+``is_sharded``).
 A GradScaler is used through ``scale()`` (its current scale as a device tensor, without the
 host read of ``get_scale()``), except for one unavoidable private write: the end of backward
 records the unscale in ``_per_optimizer_states`` the way ``GradScaler.unscale_`` does (which
@@ -36,6 +37,7 @@ raises when anything uses it (clipping, logging, a GradScaler's unscale, a secon
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from contextlib import contextmanager
@@ -94,6 +96,7 @@ class _Bucket:
     key: tuple  # (group index, device, dtype), the plain step's bucket key
     group: dict
     params: list
+    group_indices: list  # where each parameter is in its group (for messages)
     backend: Any
     stashes: bool  # the hidden pass writes (float32/float64 parameters, "stash" backends)
     starts: list   # where row r's partial sums begin when every row takes part
@@ -147,7 +150,7 @@ class OverlappedBackward:
         self.optimizer = optimizer
         self.scaler = scaler
         self._ddp = _check_setup(where, optimizer, model, scaler, bucket_cap_mb)
-        self._buckets = self._plan_buckets(where)
+        self._buckets = self._plan_buckets()
         self._row_of = {id(p): (b, r) for b in self._buckets.values() for r, p in enumerate(b.params)}
         self._chunks = {} if self._ddp is not None else _chunks(self._buckets, bucket_cap_mb)
         self._lock = threading.Lock()
@@ -239,20 +242,15 @@ class OverlappedBackward:
             self._discard()
 
     # ------------------------------------------------------------------------ the layout
-    def _plan_buckets(self, where: str) -> dict:
-        opt = self.optimizer
+    def _plan_buckets(self) -> dict:
         buckets: dict[tuple, _Bucket] = {}
-        for gi, group in enumerate(opt.param_groups):
-            for p in group["params"]:
-                key = (gi, p.device, p.dtype)
-                if key not in buckets:
-                    backend = opt.bucket_backend(group, p.device)
-                    stashes = p.dtype in STASH_DTYPES and backends.STASH in backend.capabilities
-                    buckets[key] = _Bucket(key, group, [], backend, stashes, [], [])
-                b = buckets[key]
-                b.starts.append(b.starts[-1] + b.counts[-1] if b.params else 0)
-                b.counts.append(b.backend.segment_count(p.numel(), p.device))
-                b.params.append(p)
+        for plain in self.optimizer.layout():
+            stashes = plain.dtype in STASH_DTYPES and backends.STASH in plain.backend.capabilities
+            counts = [plain.backend.segment_count(p.numel(), p.device) for p in plain.sources]
+            starts = [0, *itertools.accumulate(counts)][:-1]
+            key = (plain.group_index, plain.device, plain.dtype)
+            buckets[key] = _Bucket(key, plain.group, plain.sources, plain.indices, plain.backend, stashes,
+                                   starts, counts)
         return buckets
 
     def _present_rows(self, b: _Bucket) -> list:
@@ -331,7 +329,7 @@ class OverlappedBackward:
         opt = self.optimizer
         where = f"{type(opt).__name__} (overlapped step, during backward)"
         for r in rows:
-            opt.check_param(where, b.key[0], r, b.params[r])
+            opt.check_param(where, b.key[0], b.group_indices[r], b.params[r])
         if b.hypers is None:
             b.hypers = _hypers(b.group)
         with_grad = [(r, g) for r, g in zip(rows, grads) if g is not None]
