@@ -287,7 +287,7 @@ def test_activation_checkpointing_works_without_reentrant_backward_and_is_refuse
 
 def test_a_handed_over_grad_scaler_needs_no_unscale():
     params, opt, _ = make(overlap=True, scaler=torch.amp.GradScaler("cpu"))
-    scaler = opt._overlap.scaler
+    scaler = opt.overlap_handle.scaler
     backward(params, 0, scale=scaler)
     with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
         scaler.unscale_(opt)
@@ -377,7 +377,7 @@ def test_remove_goes_back_to_the_plain_step():
     overlapped[2].remove()  # undoes the pending pass, as zero_grad() would
     overlapped[1].zero_grad()
     train(*overlapped[:2], 3, start=3)
-    assert overlapped[1]._overlap is None
+    assert overlapped[1].overlap_handle is None
     assert_identical(snapshot(*plain[:2]), snapshot(*overlapped[:2]))
 
 
