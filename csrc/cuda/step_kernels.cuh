@@ -53,23 +53,15 @@ struct BlockTask {
   bool aligned;
 };
 
-// The row of block `b`: the last row whose first segment is <= b (empty rows own no segment).
+// The row and elements of this block's segment.
 __device__ inline BlockTask block_task(const DeviceTable& t, int width) {
   const int64_t* first = t.words + t.rows * row_words(width);
   const int64_t b = blockIdx.x;
-  int64_t lo = 0, hi = t.rows - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (first[mid] <= b) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int64_t* row = t.words + lo * row_words(width);
-  const int64_t begin = (b - first[lo]) * kChunk;
+  const int64_t r = row_of_segment(first, t.rows, b);
+  const int64_t* row = t.words + r * row_words(width);
+  const int64_t begin = (b - first[r]) * kChunk;
   const int64_t numel = row[width];
-  return {row, lo, begin, begin + kChunk < numel ? begin + kChunk : numel, (row[width + 1] & kRowAligned) != 0};
+  return {row, r, begin, begin + kChunk < numel ? begin + kChunk : numel, (row[width + 1] & kRowAligned) != 0};
 }
 
 template <typename T>
