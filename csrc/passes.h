@@ -1,7 +1,8 @@
 // What each pass does to one element (or one at::vec vector) of a parameter: which tensors it
 // reads, which functor of functors.h it applies, what it writes, and what it adds to the
 // pass's sums. Shared by the CPU loops (T = at::vec::Vectorized<C> and T = C) and the CUDA
-// kernels (T = C), so the devices differ only in how they walk the elements.
+// kernels (T = a register pack of C, cuda/pack.cuh, and T = C), so the devices differ only in
+// how they walk the elements.
 #pragma once
 
 #include <cstdint>

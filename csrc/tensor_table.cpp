@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "cuda/table_layout.h"
+
 namespace msam_fused {
 namespace {
 
@@ -42,6 +44,23 @@ int64_t TensorTable::segment_count(int64_t chunk) const {
   int64_t count = 0;
   for (int64_t n : numels) count += (n + chunk - 1) / chunk;
   return count;
+}
+
+std::vector<int64_t> TensorTable::device_words(int64_t chunk) const {
+  std::vector<int64_t> words;
+  words.reserve(rows() * (cuda::row_words(width) + 1) + 1);
+  for (int64_t r = 0; r < rows(); ++r) {
+    for (int c = 0; c < width; ++c) words.push_back(reinterpret_cast<int64_t>(ptr(r, c)));
+    words.push_back(numels[r]);
+    words.push_back(aligned16[r] ? cuda::kRowAligned : 0);
+  }
+  int64_t segments = 0;
+  for (int64_t r = 0; r < rows(); ++r) {
+    words.push_back(segments);
+    segments += (numels[r] + chunk - 1) / chunk;
+  }
+  words.push_back(segments);
+  return words;
 }
 
 void TensorTable::write_back() {

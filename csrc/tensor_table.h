@@ -51,6 +51,9 @@ struct TensorTable {
   // [begin, end) pieces of at most `chunk` elements, row by row, skipping empty rows.
   std::vector<Segment> segments(int64_t chunk) const;
   int64_t segment_count(int64_t chunk) const;
+  // The table as the CUDA kernels read it, segments of `chunk` elements (cuda/table_layout.h);
+  // its last word is the segment count.
+  std::vector<int64_t> device_words(int64_t chunk) const;
   // Copies results computed in contiguous temporaries back into the caller's tensors (see
   // TableBuilder); call once the kernels have run.
   void write_back();

@@ -193,20 +193,8 @@ TableCache& cache() {
 }  // namespace
 
 DeviceTable device_table(const TensorTable& table, int64_t chunk, c10::cuda::CUDAStream stream) {
-  const int64_t rows = table.rows();
-  std::vector<int64_t> words;
-  words.reserve(rows * (row_words(table.width) + 1) + 1);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int c = 0; c < table.width; ++c) words.push_back(reinterpret_cast<int64_t>(table.ptr(r, c)));
-    words.push_back(table.numels[r]);
-    words.push_back(table.aligned16[r] ? kRowAligned : 0);
-  }
-  int64_t segments = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    words.push_back(segments);
-    segments += (table.numels[r] + chunk - 1) / chunk;
-  }
-  words.push_back(segments);
+  std::vector<int64_t> words = table.device_words(chunk);
+  const int64_t rows = table.rows(), segments = words.back();
   const int64_t* on_device = cache().get(std::move(words), table.device.index(), stream);
   return {on_device, rows, segments};
 }

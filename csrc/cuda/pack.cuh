@@ -36,21 +36,17 @@ MSAM_PACK_BINARY(*)
 MSAM_PACK_BINARY(/)
 #undef MSAM_PACK_BINARY
 
-template <typename C, int N>
-MSAM_HD Pack<C, N> msam_sqrt(const Pack<C, N>& a) {
-  Pack<C, N> r;
-#pragma unroll
-  for (int k = 0; k < N; ++k) r.v[k] = msam_sqrt(a.v[k]);
-  return r;
-}
-
-template <typename C, int N>
-MSAM_HD Pack<C, N> msam_abs(const Pack<C, N>& a) {
-  Pack<C, N> r;
-#pragma unroll
-  for (int k = 0; k < N; ++k) r.v[k] = msam_abs(a.v[k]);
-  return r;
-}
+// The scalar functions of functors.h, lane by lane.
+#define MSAM_PACK_UNARY(fn)                          \
+  template <typename C, int N>                       \
+  MSAM_HD Pack<C, N> fn(const Pack<C, N>& a) {       \
+    Pack<C, N> r;                                    \
+    for (int k = 0; k < N; ++k) r.v[k] = fn(a.v[k]); \
+    return r;                                        \
+  }
+MSAM_PACK_UNARY(msam_sqrt)
+MSAM_PACK_UNARY(msam_abs)
+#undef MSAM_PACK_UNARY
 
 // 128-bit global loads and stores, spelled out: the table's pointers come from memory, so
 // the compiler cannot tell they are global and would emit generic accesses (and no

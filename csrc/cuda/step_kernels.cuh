@@ -9,10 +9,11 @@
 // That is 8 iterations per thread (4 for 16-bit types), each loading every operand first,
 // then computing, then storing. Memory-level parallelism: a float32 MSAM-SGD step thread has
 // 3 x 16 bytes of loads in flight per iteration, a bfloat16 AdamW-MSAM thread with master
-// weights 8 x 16. ptxas gives these kernels 59-104 registers a thread at sm_90 (no spills;
-// capping them at 64 for two blocks per SM made ptxas spill), so an SM holds one or two
-// 512-thread blocks: 48-64 KB of loads in flight, above the ~25-30 KB an H200 needs to keep its
-// memory busy (latency x bandwidth per SM). Smaller blocks would not help: the registers,
+// weights 8 x 16. ptxas (CUDA 13.0, sm_90) gives these kernels 37 (float32 MSAM-SGD step) to
+// 104 (bfloat16 AdamW-MSAM step) registers a thread and no spills (a cap of 64 for two blocks
+// per SM made the larger ones spill), so an SM holds three to one 512-thread blocks: about
+// 64-72 KB of loads in flight, above the ~25-30 KB an H200 needs to keep its memory busy
+// (latency x bandwidth per SM). Smaller blocks would not help: the registers,
 // not the block size, bound the threads per SM. These are estimates from the compiled code and
 // the hardware's figures; no GPU has measured them (docs/kernels.md). A row whose pointers are not all 16-byte aligned
 // (a view at an odd offset) is walked one element per thread, as is the tail of a segment
@@ -52,23 +53,15 @@ struct BlockTask {
   bool aligned;
 };
 
-// The row of block `b`: the last row whose first segment is <= b (empty rows own no segment).
+// The row and elements of this block's segment.
 __device__ inline BlockTask block_task(const DeviceTable& t, int width) {
   const int64_t* first = t.words + t.rows * row_words(width);
   const int64_t b = blockIdx.x;
-  int64_t lo = 0, hi = t.rows - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (first[mid] <= b) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int64_t* row = t.words + lo * row_words(width);
-  const int64_t begin = (b - first[lo]) * kChunk;
+  const int64_t r = row_of_segment(first, t.rows, b);
+  const int64_t* row = t.words + r * row_words(width);
+  const int64_t begin = (b - first[r]) * kChunk;
   const int64_t numel = row[width];
-  return {row, lo, begin, begin + kChunk < numel ? begin + kChunk : numel, (row[width + 1] & kRowAligned) != 0};
+  return {row, r, begin, begin + kChunk < numel ? begin + kChunk : numel, (row[width + 1] & kRowAligned) != 0};
 }
 
 template <typename T>

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../host_device.h"
+
 namespace msam_fused::cuda {
 
 // Per row: `width` data pointers (0 where absent), the row's numel, its flags; then, for
@@ -23,5 +25,21 @@ enum : int64_t {
   // Every pointer of the row is 16-byte aligned: the kernels may use 128-bit loads and stores.
   kRowAligned = 1,
 };
+
+// The row that owns segment `segment`: the last row whose first segment is <= segment (an
+// empty row owns no segment, so it shares its first segment with the next row). `first`
+// holds each row's first segment, in row order.
+MSAM_HD int64_t row_of_segment(const int64_t* first, int64_t rows, int64_t segment) {
+  int64_t lo = 0, hi = rows - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (first[mid] <= segment) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
 
 }  // namespace msam_fused::cuda

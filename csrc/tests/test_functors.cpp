@@ -10,6 +10,7 @@
 
 #include "../passes.h"
 #include "../scalar_arg.h"
+#include "../cuda/table_layout.h"
 #include "../tensor_table.h"
 
 using namespace msam_fused;
@@ -204,7 +205,9 @@ void test_segments() {
   TensorTable table;
   table.width = 1;
   table.numels = {5, 0, 1, 12};
-  table.ptrs = {nullptr, nullptr, nullptr, nullptr};
+  int64_t data[4];
+  table.ptrs = {&data[0], nullptr, &data[1], &data[2]};  // data[1] is 8 bytes off data[0]
+  table.aligned16 = {true, false, false, true};
   const std::vector<Segment> s = table.segments(4);
   // row 0: [0,4) [4,5); row 1 is empty; row 2: [0,1); row 3: [0,4) [4,8) [8,12)
   EXPECT(s.size() == 6);
@@ -213,6 +216,19 @@ void test_segments() {
   EXPECT(s[2].row == 2 && s[2].end == 1);
   EXPECT(s[5].row == 3 && s[5].begin == 8 && s[5].end == 12);
   EXPECT(table.segment_count(4) == 6);
+
+  // The CUDA table: per row pointer, numel, flags; then each row's first segment and the count.
+  const std::vector<int64_t> words = table.device_words(4);
+  const int64_t w = cuda::row_words(table.width);
+  EXPECT(words.size() == static_cast<size_t>(4 * w + 5) && words.back() == 6);
+  EXPECT(words[0] == reinterpret_cast<int64_t>(&data[0]) && words[1] == 5 && words[2] == cuda::kRowAligned);
+  EXPECT(words[w] == 0 && words[w + 2] == 0);  // the empty row: no pointer, not aligned
+  // Each segment (CUDA block) finds the row that owns it, skipping the empty row.
+  const int64_t* first = words.data() + 4 * w;
+  for (int64_t block = 0; block < 6; ++block) {
+    const int64_t row = cuda::row_of_segment(first, 4, block);
+    EXPECT(row == s[block].row && (block - first[row]) * 4 == s[block].begin);
+  }
 }
 
 }  // namespace
