@@ -78,12 +78,14 @@ def test_a_float_change_rebuilds_hyper_and_a_tensor_change_needs_no_rebuild():
     assert hyper.tolist() == [0.2, 0.0, 0.5, 0.5]
 
 
-def test_compiled_step_does_not_recompile_when_a_tensor_lr_changes():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiled_step_does_not_recompile_when_a_tensor_lr_changes(backend):
     from torch._dynamo.testing import CompileCounter
 
+    _available_or_skip(backend, "cpu")
     torch._dynamo.reset()
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
-    opt = msam_fused.MSAM(params, lr=torch.tensor(0.1), rho=torch.tensor(0.3), backend="reference")
+    opt = msam_fused.MSAM(params, lr=torch.tensor(0.1), rho=torch.tensor(0.3), backend=backend)
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter)
     for i in range(6):
