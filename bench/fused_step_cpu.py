@@ -1,5 +1,5 @@
 """One optimizer step on the CPU, ResNet-50's parameter set: the fused MSAM step against
-torch.optim.SGD(fused=True) and against the per-tensor reference (SPEC §5, issue 4's targets).
+torch.optim.SGD(fused=True) and against the per-tensor reference (targets: docs/benchmarks.md).
 
     python bench/fused_step_cpu.py --out bench/results/cpu_fused_step.json   # default: runs/
     python bench/fused_step_cpu.py --repeats 31 --out /tmp/run.json
@@ -29,7 +29,7 @@ import torch
 
 import msam_fused
 from bench import provenance
-from msam_fused import fused_ops
+from msam_fused import fused_ops, reference
 
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 
@@ -66,11 +66,12 @@ def contenders(shapes):
     flat_grad_views = list(flat_grad.split([p.numel() for p in table]))
     grads_1d = [p.grad.view(-1) for p in table]
     coef_old, coef_new = torch.tensor(0.0), torch.tensor(0.01)
+    hyper = torch.tensor([HYPER[k] if k in HYPER else 0.5 for k in reference.MSAM_SGD_HYPER], dtype=torch.float64)
 
     def passes(p, g, v):
-        fused_ops.msam_sgd_sum_of_squares(p, g, v, weight_decay=HYPER["weight_decay"],
-                                          momentum=HYPER["momentum"], norm_dtype=torch.float32)
-        fused_ops.msam_sgd_step_(p, g, v, [None] * len(p), **HYPER, coef_old=coef_old, coef_new=coef_new)
+        masters = [None] * len(p)
+        fused_ops.msam_sgd_partials(p, g, v, masters, hyper=hyper, norm_dtype=torch.float32)
+        fused_ops.msam_sgd_step_(p, g, v, masters, hyper=hyper, coef_old=coef_old, coef_new=coef_new)
 
     return {
         "torch_sgd_fused": sgd.step,

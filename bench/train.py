@@ -49,7 +49,7 @@ from bench.optimizers import (ASCENTS, OPTIMIZERS, TORCH_IMPLS, VARIANT_STEP_TYP
 
 CHECKPOINT_FORMAT = 1
 
-# The paper's recipes (SPEC §6). Values marked "ours" are not given by the paper; tune them.
+# The paper's recipes (arXiv 2401.12033, its experimental setup). Values marked "ours" are not given by the paper; tune them.
 PRESETS = {
     "cifar100-wrn28-10": dict(model="wrn-28-10", data="cifar100", lr=0.5, weight_decay=5e-4,
                               batch_size=256, epochs=200, label_smoothing=0.1, msam_rho=3.0,

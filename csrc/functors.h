@@ -3,7 +3,10 @@
 // Each functor is a template over the arithmetic type T: float or double on both devices, or
 // at::vec::Vectorized<float|double> in the CPU kernels. The expressions follow
 // msam_fused/reference.py operation by operation (same order, same roundings), so the kernels
-// differ from the reference only where a device fuses a multiply-add.
+// differ from the reference only where a device fuses a multiply-add (CUDA; the CPU build
+// passes -ffp-contract=off). Hyper-parameters arrive as the float64 `hyper` vector; scalars
+// derived from them (1 - beta, the AdamW bias corrections, 1 - lr * weight_decay) are formed
+// in double, as the reference forms them, and each is cast once to the compute type C.
 #pragma once
 
 #include <cmath>
@@ -18,7 +21,7 @@
 namespace msam_fused {
 inline namespace MSAM_ARITH_NAMESPACE {
 
-// SPEC §1: c = rho / (||x|| + EPS_NORM).
+// c = rho / (||x|| + EPS_NORM), as msam_fused/reference.py:perturbation_coef.
 constexpr double kEpsNorm = 1e-12;
 
 MSAM_HD float msam_sqrt(float x) { return sqrtf(x); }
@@ -39,10 +42,16 @@ MSAM_HD T shift(const T& base, const T& k, const T& x) {
   return base + k * x;
 }
 
-// MSAM-SGD, SPEC §1 steps 1, 3 and 4 (step 2, removing the old perturbation, gives w).
+// MSAM-SGD's new momentum and weights (removing the old perturbation gives w: shift).
 template <typename T>
 struct MsamSgdStep {
   T lr, weight_decay, momentum;
+
+  template <typename C>
+  MSAM_HD static MsamSgdStep from(const double* hyper) {
+    using H = MsamSgdHyper;
+    return {T(C(hyper[H::kLr])), T(C(hyper[H::kWeightDecay])), T(C(hyper[H::kMomentum]))};
+  }
 
   // v_new from the stored (perturbed) weight p the gradient g was taken at: coupled decay at
   // the perturbed point, as the authors' code does.
@@ -54,13 +63,28 @@ struct MsamSgdStep {
   MSAM_HD T new_weight(const T& w, const T& v_new) const { return w - lr * v_new; }
 };
 
-// AdamW-MSAM, SPEC §1 steps 2-4, for one tensor whose step count is now t.
+// AdamW-MSAM's moments and weights, for one tensor whose step count is now t.
 template <typename T>
 struct AdamwMsamStep {
   T beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
   T step_size;   // lr / (1 - beta1^t)
   T bias2_sqrt;  // sqrt(1 - beta2^t)
   T decay;       // 1 - lr * weight_decay
+
+  // `bias`: the tensor's bias corrections (adam_bias), formed once per tensor.
+  template <typename C>
+  MSAM_HD static AdamwMsamStep from(const double* hyper, const AdamBias& bias) {
+    using H = AdamwMsamHyper;
+    const double beta1 = hyper[H::kBeta1], beta2 = hyper[H::kBeta2];
+    return {T(C(beta1)),          T(C(1.0 - beta1)),        T(C(beta2)),
+            T(C(1.0 - beta2)),    T(C(hyper[H::kEps])),     T(C(bias.step_size)),
+            T(C(bias.bias2_sqrt)), T(C(1.0 - hyper[H::kLr] * hyper[H::kWeightDecay]))};
+  }
+  // The first moment alone (the partials pass reads nothing else).
+  template <typename C>
+  MSAM_HD static AdamwMsamStep from(const double* hyper) {
+    return from<C>(hyper, AdamBias{0.0, 1.0});
+  }
 
   MSAM_HD T new_exp_avg(const T& g, const T& m) const { return beta1 * m + one_minus_beta1 * g; }
   MSAM_HD T new_exp_avg_sq(const T& g, const T& s) const { return beta2 * s + one_minus_beta2 * g * g; }
@@ -70,9 +94,11 @@ struct AdamwMsamStep {
   }
 };
 
-// The per-tensor scalars of AdamwMsamStep at step count t (>= 1), in double.
-MSAM_HD AdamBias adam_bias(double lr, double beta1, double beta2, double t) {
-  return {lr / (1.0 - pow(beta1, t)), sqrt(1.0 - pow(beta2, t))};
+// The per-tensor scalars of AdamwMsamStep at step count t (>= 1), in double
+// (msam_fused/reference.py:adam_bias).
+MSAM_HD AdamBias adam_bias(const double* hyper, double t) {
+  using H = AdamwMsamHyper;
+  return {hyper[H::kLr] / (1.0 - pow(hyper[H::kBeta1], t)), sqrt(1.0 - pow(hyper[H::kBeta2], t))};
 }
 
 // SAM's ascent e = scale * g (adaptive: scale * w^2 * g); returns w + e.

@@ -13,67 +13,59 @@ using TensorList = at::TensorList;
 using OptionalTensorList = c10::List<c10::optional<at::Tensor>>;
 using OptionalTensor = c10::optional<at::Tensor>;
 
-// Columns: param, grad (absent: no gradient this step), momentum, master (optional).
-struct MsamSgdArgs {
-  enum { kParam, kGrad, kMomentum, kMaster, kWidth };
+// `hyper`: the bucket's float64 hyper-parameter vector on the params' device (kernel_types.h
+// says which entry is which). On CUDA only the kernels read it; on the CPU the values are
+// also checked when the op starts.
+// A grad may be absent (no gradient this step), the masters list may be empty.
+struct MsamSgdArgs : MsamSgdColumns {
   TensorTable table;
-  double lr, weight_decay, momentum;
+  const double* hyper;
   ScalarArg coef_old, coef_new, grad_scale, found_inf;
-  at::ScalarType norm_dtype;
 };
 // For kFinish the grads column holds the stashes (the old momenta) kStash left there.
-// `partials`: the pass returns per-segment sums (only names the op in messages).
 MsamSgdArgs msam_sgd_args(Pass pass, TensorList params, const OptionalTensorList& grads,
-                          TensorList momenta, TensorList masters, double lr, double weight_decay,
-                          double momentum, const OptionalTensor& coef_old,
-                          const OptionalTensor& coef_new, at::ScalarType norm_dtype,
-                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-                          bool partials = false);
+                          TensorList momenta, TensorList masters, const at::Tensor& hyper,
+                          const OptionalTensor& coef_old, const OptionalTensor& coef_new,
+                          const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
-// Columns: param, grad (optional), exp_avg, exp_avg_sq, master (optional), step.
-struct AdamwMsamArgs {
-  enum { kParam, kGrad, kExpAvg, kExpAvgSq, kMaster, kStep, kWidth };
+struct AdamwMsamArgs : AdamwMsamColumns {
   TensorTable table;
-  double lr, beta1, beta2, eps, weight_decay;
+  const double* hyper;
   ScalarArg coef_old, coef_new, grad_scale, found_inf;
-  at::ScalarType norm_dtype;
 };
-// For kSumOfSquares only grads and exp_avgs are read; the other lists may be empty.
+// For kPartials only grads and exp_avgs are read; the other lists are empty.
 AdamwMsamArgs adamw_msam_args(Pass pass, TensorList params, const OptionalTensorList& grads,
                               TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-                              TensorList masters, double lr, double beta1, double beta2,
-                              double eps, double weight_decay, const OptionalTensor& coef_old,
-                              const OptionalTensor& coef_new, at::ScalarType norm_dtype,
+                              TensorList masters, const at::Tensor& hyper,
+                              const OptionalTensor& coef_old, const OptionalTensor& coef_new,
                               const OptionalTensor& grad_scale, const OptionalTensor& found_inf);
 
-// Columns: param, direction, master (optional). params = base + alpha * coef * direction.
-struct PerturbArgs {
-  enum { kParam, kDirection, kMaster, kWidth };
+// params = base + alpha * coef * direction.
+struct PerturbArgs : PerturbColumns {
   TensorTable table;
   double alpha;
-  ScalarArg coef, found_inf;
+  ScalarArg coef;
 };
 PerturbArgs perturb_args(TensorList params, TensorList directions, TensorList masters,
-                         const at::Tensor& coef, double alpha, const OptionalTensor& found_inf);
+                         const at::Tensor& coef, double alpha);
 
-// Columns: param, grad, backup (only for the ascent itself).
-struct SamArgs {
-  enum { kParam, kGrad, kBackup, kWidth };
+struct SamArgs : SamColumns {
   TensorTable table;
   bool adaptive;
   ScalarArg scale, found_inf;
-  at::ScalarType norm_dtype;
 };
-SamArgs sam_sum_of_squares_args(TensorList params, TensorList grads, bool adaptive,
-                                at::ScalarType norm_dtype);
+SamArgs sam_partials_args(TensorList params, TensorList grads, bool adaptive);
 SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
                         const at::Tensor& scale, bool adaptive, const OptionalTensor& found_inf);
 
-// The per-segment sums of the overlapped passes: [segments, 2] float64, contiguous.
+// norm_dtype of the passes that return partials: float32 or float64.
+void check_norm_dtype(const char* op, at::ScalarType norm_dtype);
+
+// The per-segment partial sums the read-only passes return: [segments, 2] float64, contiguous.
 void check_segment_partials(const at::Tensor& partials, at::ScalarType norm_dtype);
 
-// Finalize: checks the arguments of perturbation_coef.
-void check_perturbation_coef_args(const at::Tensor& sum_of_squares, double rho,
+// The arguments of perturbation_coef.
+void check_perturbation_coef_args(const at::Tensor& sum_of_squares, const at::Tensor& rho,
                                   const at::Tensor& coef_old, const OptionalTensor& found_inf);
 
 }  // namespace msam_fused

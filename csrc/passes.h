@@ -1,7 +1,8 @@
 // What each pass does to one element (or one at::vec vector) of a parameter: which tensors it
 // reads, which functor of functors.h it applies, what it writes, and what it adds to the
 // pass's sums. Shared by the CPU loops (T = at::vec::Vectorized<C> and T = C) and the CUDA
-// kernels (T = C), so the devices differ only in how they walk the elements.
+// kernels (T = a register pack of C, cuda/pack.cuh, and T = C), so the devices differ only in
+// how they walk the elements.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,27 @@ struct Access {
   MSAM_HD static void store(S* dst, const T& x) { *dst = static_cast<S>(x); }
 };
 
+// Names the type an element function works in: a scalar C, or a wider type W of several lanes
+// (at::vec::Vectorized<C> on the CPU, a register pack on CUDA).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// A functor (or a pass's coefficients) for single elements and for W, built by
+// F<T>::from<C>(args...) from the same scalars; get(tag) gives the one an element function
+// works in.
+template <template <typename> class F, typename C, typename W>
+struct Both {
+  template <typename... Args>
+  MSAM_HD explicit Both(const Args&... args)
+      : scalar(F<C>::template from<C>(args...)), wide(F<W>::template from<C>(args...)) {}
+  MSAM_HD const F<C>& get(Tag<C>) const { return scalar; }
+  MSAM_HD const F<W>& get(Tag<W>) const { return wide; }
+  F<C> scalar;
+  F<W> wide;
+};
+
 // What one element adds to its pass's sums: the direction (squared for the norm) and its
 // non-finite marker.
 template <typename T>
@@ -37,6 +59,11 @@ template <typename T>
 struct PassCoefs {
   T coef_old, minus_coef_new, grad_scale;
   bool unscale;
+
+  template <typename C>
+  MSAM_HD static PassCoefs from(double coef_old, double coef_new, double grad_scale, bool unscale) {
+    return {T(C(coef_old)), T(C(-coef_new)), T(C(grad_scale)), unscale};
+  }
 };
 
 template <typename T>
@@ -45,10 +72,12 @@ MSAM_HD T unscaled(const T& g, const PassCoefs<T>& k) {
 }
 
 // Typed pointers of one parameter's row of the tensor table (nullptr where absent).
-template <typename P>
+// G: the gradient's element type, P where the pass writes into it (kStash moves the old
+// momentum there), const P where it only reads it (CUDA then loads it as read-only data).
+template <typename P, typename G = P>
 struct MsamSgdRow {
   P* p;
-  P* g;  // written only by kStash, which moves the old momentum there
+  G* g;
   state_t<P>* v;
   master_t* master;
 };
@@ -76,8 +105,8 @@ struct SamRow {
   P* backup;
 };
 
-template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
-MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P, typename G>
+MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                         const PassCoefs<T>& k) {
   using A = Access<T>;
   const T p_i = A::load(r.p + i);
@@ -88,17 +117,13 @@ MSAM_HD Terms<T> msam_sgd_plain_element(const MsamSgdRow<P>& r, int64_t i, const
     terms.nonfinite = nonfinite_marker(g_raw);
     terms.direction = step.new_momentum(p_i, unscaled(g_raw, k), v_old);
   }
-  if constexpr (kPass != Pass::kSumOfSquares) {
+  if constexpr (kPass == Pass::kStep) {
     const T& v_new = terms.direction;
     const T w_old = kHasMaster ? A::load(r.master + i) : shift(p_i, k.coef_old, v_old);
     const T w = kHasGrad ? step.new_weight(w_old, v_new) : w_old;
     if constexpr (kHasGrad) A::store(r.v + i, v_new);
     if constexpr (kHasGrad && kHasMaster) A::store(r.master + i, w);
-    if constexpr (kPass == Pass::kStep) {
-      A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
-    } else if constexpr (!kHasMaster) {
-      A::store(r.p + i, w);
-    }
+    A::store(r.p + i, shift(w, k.minus_coef_new, v_new));
   }
   return terms;
 }
@@ -124,8 +149,8 @@ MSAM_HD Terms<T> msam_sgd_stash_element(const MsamSgdRow<P>& r, int64_t i, const
 }
 
 // kFinish: the arithmetic of kStep with v' read back instead of recomputed.
-template <bool kHasGrad, typename T, typename P>
-MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+template <bool kHasGrad, typename T, typename P, typename G>
+MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                      const PassCoefs<T>& k) {
   using A = Access<T>;
   const T v_new = A::load(r.v + i);
@@ -136,16 +161,16 @@ MSAM_HD void msam_sgd_finish_element(const MsamSgdRow<P>& r, int64_t i, const Ms
 }
 
 // A skipped overlapped step: the old momentum back from the gradient's memory, bit for bit.
-template <bool kHasGrad, typename T, typename P>
-MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P>& r, int64_t i) {
+template <bool kHasGrad, typename T, typename P, typename G>
+MSAM_HD void msam_sgd_restore_element(const MsamSgdRow<P, G>& r, int64_t i) {
   using A = Access<T>;
   if constexpr (kHasGrad) A::store(r.v + i, A::load(r.g + i));
 }
 
-// One element of any MSAM-SGD pass; `skipped` matters only to kFinish (kernels that read
-// found_inf on the device decide per call; the other passes of a skipped step never run).
-template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P>
-MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P>& r, int64_t i, const MsamSgdStep<T>& step,
+// One element of any MSAM-SGD pass; `skipped` matters only to kFinish (a skipped kStep
+// never runs, and the read-only passes do not look at found_inf).
+template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P, typename G>
+MSAM_HD Terms<T> msam_sgd_element(const MsamSgdRow<P, G>& r, int64_t i, const MsamSgdStep<T>& step,
                                   const PassCoefs<T>& k, bool skipped = false) {
   if constexpr (kPass == Pass::kStash) {
     return msam_sgd_stash_element<kHasGrad>(r, i, step, k);
@@ -174,7 +199,7 @@ MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const A
     g = unscaled(g_raw, k);
     terms.direction = step.new_exp_avg(g, m_old);
   }
-  if constexpr (kPass != Pass::kSumOfSquares) {
+  if constexpr (kPass == Pass::kStep) {
     const T& m_new = terms.direction;
     const T w_old = kHasMaster ? A::load(r.master + i) : shift(A::load(r.p + i), k.coef_old, m_old);
     T w = w_old;
@@ -185,11 +210,7 @@ MSAM_HD Terms<T> adamw_msam_element(const AdamwMsamRow<P>& r, int64_t i, const A
       A::store(r.s + i, s_new);
       if constexpr (kHasMaster) A::store(r.master + i, w);
     }
-    if constexpr (kPass == Pass::kStep) {
-      A::store(r.p + i, shift(w, k.minus_coef_new, m_new));
-    } else if constexpr (!kHasMaster) {
-      A::store(r.p + i, w);
-    }
+    A::store(r.p + i, shift(w, k.minus_coef_new, m_new));
   }
   return terms;
 }
@@ -202,10 +223,12 @@ MSAM_HD void perturb_element(const PerturbRow<P>& r, int64_t i, const T& k) {
   A::store(r.p + i, shift(base, k, A::load(r.x + i)));
 }
 
+// SAM's partials: the norm's term and the gradient's non-finite marker.
 template <typename T, typename P>
-MSAM_HD T sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) {
+MSAM_HD Terms<T> sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) {
   using A = Access<T>;
-  return sam_norm_term(A::load(r.p + i), A::load(r.g + i), adaptive);
+  const T g = A::load(r.g + i);
+  return {sam_norm_term(A::load(r.p + i), g, adaptive), nonfinite_marker(g)};
 }
 
 // SAM's ascent from w = params: params = w + e. The backup copy is the caller's (bit-exact).

@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "cuda/table_layout.h"
+
 namespace msam_fused {
 namespace {
 
@@ -44,16 +46,27 @@ int64_t TensorTable::segment_count(int64_t chunk) const {
   return count;
 }
 
+std::vector<int64_t> TensorTable::device_words(int64_t chunk) const {
+  std::vector<int64_t> words;
+  words.reserve(rows() * (cuda::row_words(width) + 1) + 1);
+  for (int64_t r = 0; r < rows(); ++r) {
+    for (int c = 0; c < width; ++c) words.push_back(reinterpret_cast<int64_t>(ptr(r, c)));
+    words.push_back(numels[r]);
+    words.push_back(aligned16[r] ? cuda::kRowAligned : 0);
+  }
+  int64_t segments = 0;
+  for (int64_t r = 0; r < rows(); ++r) {
+    words.push_back(segments);
+    segments += (numels[r] + chunk - 1) / chunk;
+  }
+  words.push_back(segments);
+  return words;
+}
+
 void TensorTable::write_back() {
   for (auto& [original, temporary] : writebacks_) original.copy_(temporary);
   writebacks_.clear();
   temporaries_.clear();
-}
-
-double ordered_sum(const std::vector<double>& partials) {
-  double total = 0.0;
-  for (double x : partials) total += x;
-  return total;
 }
 
 at::Tensor scalar_tensor(double value, at::ScalarType dtype, at::Device device) {
@@ -121,6 +134,7 @@ void TableBuilder::add_row(int64_t index, std::initializer_list<const at::Tensor
     check_tensor(index, columns_[c], *t, p);
     if (columns_[c].role != Role::kStep) in_place = in_place && shares_dense_layout(*t, p);
   }
+  bool aligned16 = true;
   for (size_t c = 0; c < columns_.size(); ++c) {
     const at::Tensor* t = cols[c];
     void* ptr = nullptr;
@@ -137,16 +151,20 @@ void TableBuilder::add_row(int64_t index, std::initializer_list<const at::Tensor
       // (no gradient, no master copy): an empty shard's gradient must still count as present,
       // e.g. for AdamW's step count. Nothing is ever read through it.
       if (ptr == nullptr) ptr = &empty_tensor_marker;
+      if (columns_[c].role != Role::kStep) aligned16 = aligned16 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
     }
     table_.ptrs.push_back(ptr);
   }
   table_.numels.push_back(p.numel());
+  table_.aligned16.push_back(aligned16);
 }
 
 ScalarArg scalar_arg(const c10::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return {};
   switch (t->scalar_type()) {
     case at::kBool: return {t->data_ptr(), ScalarKind::kBool};
+    case at::kHalf: return {t->data_ptr(), ScalarKind::kHalf};
+    case at::kBFloat16: return {t->data_ptr(), ScalarKind::kBFloat16};
     case at::kFloat: return {t->data_ptr(), ScalarKind::kFloat};
     case at::kDouble: return {t->data_ptr(), ScalarKind::kDouble};
     default: TORCH_CHECK(false, "msam_fused: a scalar argument has unsupported dtype ", t->scalar_type());

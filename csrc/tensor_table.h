@@ -43,12 +43,17 @@ struct TensorTable {
   int width = 0;
   std::vector<void*> ptrs;  // rows() * width, row-major; nullptr where a tensor is absent
   std::vector<int64_t> numels;
+  // Per row: whether every element pointer (all but a step count) is 16-byte aligned.
+  std::vector<bool> aligned16;
 
   int64_t rows() const { return static_cast<int64_t>(numels.size()); }
   void* ptr(int64_t row, int col) const { return ptrs[row * width + col]; }
   // [begin, end) pieces of at most `chunk` elements, row by row, skipping empty rows.
   std::vector<Segment> segments(int64_t chunk) const;
   int64_t segment_count(int64_t chunk) const;
+  // The table as the CUDA kernels read it, segments of `chunk` elements (cuda/table_layout.h);
+  // its last word is the segment count.
+  std::vector<int64_t> device_words(int64_t chunk) const;
   // Copies results computed in contiguous temporaries back into the caller's tensors (see
   // TableBuilder); call once the kernels have run.
   void write_back();
@@ -75,6 +80,7 @@ class TableBuilder {
   // A 0-d scalar argument on the params' device (coefficient, grad_scale, found_inf).
   ScalarArg scalar(const char* name, const c10::optional<at::Tensor>& t, bool allow_bool) const;
   [[noreturn]] void fail(const std::string& message) const;
+  at::Device device() const { return table_.device; }
 
  private:
   void check_tensor(int64_t index, const Column& col, const at::Tensor& t, const at::Tensor& p) const;
@@ -84,14 +90,12 @@ class TableBuilder {
   TensorTable table_;
 };
 
-// A 0-d bool/float32/float64 tensor (or none) as a kernel argument; the dtype is checked first.
+// A 0-d bool/float16/bfloat16/float32/float64 tensor (or none) as a kernel argument.
 ScalarArg scalar_arg(const c10::optional<at::Tensor>& t);
 // The dtype optimizer state has for parameters of `param_dtype`.
 at::ScalarType state_dtype(at::ScalarType param_dtype);
 // float64 for float64 parameters, float32 otherwise.
 at::ScalarType compute_dtype(at::ScalarType param_dtype);
-// Sum of per-segment partial sums in segment order: the same result on every run.
-double ordered_sum(const std::vector<double>& partials);
 // A 0-d tensor of `dtype` on `device` holding `value` (CPU results).
 at::Tensor scalar_tensor(double value, at::ScalarType dtype, at::Device device);
 

@@ -1,8 +1,9 @@
 """msam-fused: Momentum-SAM and SAM optimizers with fused kernels.
 
-Reading order: ``reference`` (the math) -> ``momentum_ascent`` / ``msam`` / ``adamw_msam`` /
-``sam`` (the optimizers) -> ``backends`` (dispatch) -> kernels (``fused_ops`` over ``csrc/``,
-``triton_kernels``).
+Reading order: docs/design.md (the invariant, the step contract, the numerics) ->
+``reference`` (the contract's literal definition) -> ``momentum_ascent`` / ``msam`` /
+``adamw_msam`` / ``sam`` (the optimizers) -> ``backends`` (the typed contract, dispatch) ->
+kernels (``fused_ops`` over ``csrc/``, ``triton_kernels``).
 """
 
 from msam_fused.adamw_msam import AdamWMSAM

@@ -1,14 +1,17 @@
-"""AdamW-MSAM: the MSAM idea on AdamW, perturbing along the first moment (SPEC §1)."""
+"""AdamW-MSAM: the MSAM idea on AdamW, perturbing along the first moment (docs/design.md)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from msam_fused.momentum_ascent import Algorithm, MomentumAscentOptimizer
+from msam_fused.validation import check_betas, check_hyperparameter
 
-import torch
-from torch import Tensor
-
-from msam_fused.momentum_ascent import Bucket, MomentumAscentOptimizer
-from msam_fused.validation import check_betas, check_number
+#: AdamW-MSAM's part of the step: ``hyper`` is reference.ADAMW_MSAM_HYPER, the betas taken
+#: from the group's ``betas`` pair
+ADAMW_MSAM = Algorithm(
+    direction_key="exp_avg", state_keys=("exp_avg", "exp_avg_sq", "step"), counter_keys=frozenset({"step"}),
+    hyper_sources=(("lr", None), ("betas", 0), ("betas", 1), ("eps", None), ("weight_decay", None),
+                   ("rho", None)),
+    partials="adamw_msam_partials", step="adamw_msam_step_")
 
 
 class AdamWMSAM(MomentumAscentOptimizer):
@@ -21,7 +24,7 @@ class AdamWMSAM(MomentumAscentOptimizer):
         m = b1 * m + (1 - b1) * g;  s = b2 * s + (1 - b2) * g * g
         p = p - (lr / (1 - b1**t)) * m / (sqrt(s) / sqrt(1 - b2**t) + eps)
         p = p * (1 - lr * weight_decay)          # decoupled decay, after the Adam update
-        c_new = rho / (||m|| + 1e-12);  p = p - c_new * m
+        c_new = rho / (||m|| + EPS_NORM);  p = p - c_new * m   # EPS_NORM = 1e-12
 
     Arguments as in ``torch.optim.AdamW`` plus ``rho``, ``adaptive``, ``backend``,
     ``nonfinite`` and ``master_weights``, and the group option ``perturb`` (see
@@ -31,10 +34,8 @@ class AdamWMSAM(MomentumAscentOptimizer):
     (clip before :meth:`step`).
     """
 
-    hyperparameter_keys = ("lr", "betas", "eps", "weight_decay", "rho")
+    algorithm = ADAMW_MSAM
     torch_counterpart = "torch.optim.AdamW"
-    direction_key = "exp_avg"
-    one_pass_functions = ("adamw_msam_sum_of_squares", "adamw_msam_step_")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, rho: float = 1.0, *, adaptive: bool = False,
@@ -48,39 +49,7 @@ class AdamWMSAM(MomentumAscentOptimizer):
     @classmethod
     def check_hyperparameters(cls, where: str, group: dict) -> None:
         for key in ("lr", "eps", "weight_decay", "rho"):
-            check_number(where, key, group[key])
+            check_hyperparameter(where, key, group[key])
         check_betas(where, group["betas"])
         if group.get("amsgrad", False):
             raise ValueError(f"{where}: amsgrad=True is not supported by AdamWMSAM")
-
-    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
-        dtype = self._state_dtype(p)
-        return {"exp_avg": (p.shape, dtype), "exp_avg_sq": (p.shape, dtype),
-                "step": ((), torch.float32), **self._common_state_spec(p)}
-
-    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
-                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
-        g = bucket.group
-        beta1, beta2 = g["betas"]
-        return bucket.backend.adamw_msam_update_(
-            bucket.params, bucket.grads, bucket.column("exp_avg"), bucket.column("exp_avg_sq"),
-            bucket.column("step"), bucket.column("master_weight"), lr=g["lr"], beta1=beta1,
-            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef=coef,
-            norm_dtype=norm_dtype, grad_scale=grad_scale, found_inf=found_inf,
-            **bucket.adaptive_kwargs())
-
-    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
-                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        return bucket.backend.adamw_msam_sum_of_squares(
-            bucket.params, bucket.grads, bucket.column("exp_avg"), beta1=bucket.group["betas"][0],
-            norm_dtype=norm_dtype, grad_scale=grad_scale)
-
-    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
-                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        g = bucket.group
-        beta1, beta2 = g["betas"]
-        bucket.backend.adamw_msam_step_(
-            bucket.params, bucket.grads, bucket.column("exp_avg"), bucket.column("exp_avg_sq"),
-            bucket.column("step"), bucket.column("master_weight"), lr=g["lr"], beta1=beta1,
-            beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"], coef_old=coef_old,
-            coef_new=coef_new, grad_scale=grad_scale, found_inf=found_inf)

@@ -1,11 +1,15 @@
 """Backend dispatch: which implementation runs the step for the tensors of one device.
 
-A backend is a module (or object) with the functions of ``msam_fused.reference``:
-``msam_sgd_update_``, ``adamw_msam_update_``, ``perturbation_coef``, ``apply_perturbation_``,
-``remove_perturbation_``, ``sam_ascent_sum_of_squares``, ``sam_ascent_`` and ``sam_restore_``,
-with the same arguments and the same results. The optimizers call them once per bucket (one
-param group on one device in one dtype), never once per tensor, so a fused backend's launches
-per step do not grow with the number of tensors.
+A backend is a module (or object) that satisfies :class:`Backend`: the functions of the step
+contract (docs/design.md), with the keyword signatures of ``msam_fused.reference``, which is
+their literal definition. The optimizers call them once per bucket (one param group on one
+device in one dtype), never once per tensor, so a fused backend's launches per step do not
+grow with the number of tensors. Optional parts are named in ``capabilities``:
+
+* ``"stash"``: ``msam_sgd_overlap_stash_`` / ``msam_sgd_overlap_finish_``, the cheaper
+  overlapped MSAM-SGD step (msam_fused/overlap.py);
+* ``"adaptive"``: the ``perturbations=`` / ``coef_old=`` arguments of the passes (ASAM-style
+  groups).
 
 Asking for a backend by name either gives that backend or raises
 :class:`BackendUnavailableError` saying what is missing; only ``"auto"`` falls back, and it
@@ -16,9 +20,58 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+from torch import Tensor
+
+STASH = "stash"
+ADAPTIVE = "adaptive"
+CAPABILITIES = frozenset({STASH, ADAPTIVE})
+
+
+class Backend(Protocol):
+    """The step contract every backend implements (docs/design.md, "The backend contract")."""
+
+    name: str
+    capabilities: frozenset
+
+    def segment_count(self, numel: int, device: torch.device) -> int: ...
+
+    def msam_sgd_partials(self, params: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
+                          momenta: Sequence[Tensor], masters: Sequence[Optional[Tensor]], *,
+                          hyper: Tensor, norm_dtype: torch.dtype, grad_scale: Optional[Tensor] = None,
+                          coef_old: Optional[Tensor] = None,
+                          perturbations: Optional[Sequence[Tensor]] = None) -> Tensor: ...
+
+    def adamw_msam_partials(self, params, grads, exp_avgs, exp_avg_sqs, steps, masters, *,
+                            hyper: Tensor, norm_dtype: torch.dtype, grad_scale: Optional[Tensor] = None,
+                            coef_old: Optional[Tensor] = None, perturbations=None) -> Tensor: ...
+
+    def sum_segment_partials(self, partials: Tensor, norm_dtype: torch.dtype) -> tuple[Tensor, Tensor]: ...
+
+    def perturbation_coef(self, sum_of_squares: Tensor, rho: Tensor | float, coef_old: Tensor,
+                          found_inf: Optional[Tensor] = None) -> Tensor: ...
+
+    def msam_sgd_step_(self, params, grads, momenta, masters, *, hyper: Tensor, coef_old: Tensor,
+                       coef_new: Tensor, grad_scale: Optional[Tensor] = None,
+                       found_inf: Optional[Tensor] = None, perturbations=None) -> None: ...
+
+    def adamw_msam_step_(self, params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, hyper: Tensor,
+                         coef_old: Tensor, coef_new: Tensor, grad_scale: Optional[Tensor] = None,
+                         found_inf: Optional[Tensor] = None, perturbations=None) -> None: ...
+
+    def apply_perturbation_(self, params, directions, masters, *, coef: Tensor) -> None: ...
+
+    def remove_perturbation_(self, params, directions, masters, *, coef: Tensor) -> None: ...
+
+    def sam_ascent_partials(self, params, grads, *, adaptive: bool, norm_dtype: torch.dtype) -> Tensor: ...
+
+    def sam_ascent_(self, params, grads, backups, *, scale: Tensor, adaptive: bool,
+                    found_inf: Optional[Tensor] = None) -> None: ...
+
+    def sam_restore_(self, params, backups) -> None: ...
+
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
 
@@ -74,7 +127,7 @@ def _load_triton(device: torch.device):
     return module
 
 
-_LOADERS: dict[str, Callable] = {
+_LOADERS: dict[str, Callable[[torch.device], Backend]] = {
     "reference": _load_reference,
     "cpu": _load_cpu,
     "cuda": _load_cuda,
@@ -87,7 +140,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 _fallbacks_reported: set = set()
 
 
-def resolve(requested: str, device: torch.device):
+def resolve(requested: str, device: torch.device) -> Backend:
     """The backend module that runs tensors on ``device`` for the name the user asked for."""
     if requested not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -111,20 +164,19 @@ def resolve(requested: str, device: torch.device):
     raise BackendUnavailableError("; ".join(reasons))  # unreachable: reference always loads
 
 
-def with_feature(backend, feature: str, requested: str, what: str):
-    """``backend`` if it implements an optional feature (its ``feature`` flag, e.g.
-    ``supports_adaptive``, is true); otherwise the reference backend when the user asked for
-    "auto" (said once), else :class:`BackendUnavailableError` naming what is missing."""
-    if getattr(backend, feature, False):
+def with_capability(backend: Backend, capability: str, requested: str, what: str) -> Backend:
+    """``backend`` if it has ``capability``; otherwise the reference backend when the user
+    asked for "auto" (said once), else :class:`BackendUnavailableError` naming what is missing."""
+    if capability in backend.capabilities:
         return backend
     if requested != "auto":
         raise BackendUnavailableError(
-            f"{what}: backend '{backend.name}' does not implement this ({feature} is not set); "
+            f"{what}: backend '{backend.name}' does not implement this (no {capability!r} capability); "
             "use backend='reference', or 'auto' to fall back to it")
-    if (feature, backend.name) not in _fallbacks_reported:
-        _fallbacks_reported.add((feature, backend.name))
+    if (capability, backend.name) not in _fallbacks_reported:
+        _fallbacks_reported.add((capability, backend.name))
         warnings.warn(f"msam_fused: {what} runs on the 'reference' backend: backend "
-                      f"'{backend.name}' does not implement it ({feature})", stacklevel=4)
+                      f"'{backend.name}' does not implement it (no {capability!r} capability)", stacklevel=4)
     return _load_reference(None)
 
 

@@ -130,7 +130,7 @@ def weights_fingerprint(opt) -> Optional[dict]:
         perturbed = _by_group(opt, buckets, lambda b: _moments(copies[id(b)], b.applied_directions(key)))
         true = _by_group(opt, buckets, lambda b: _moments(b.params, b.applied_directions(key)))
         return {"perturbed": perturbed, "true": true}
-    buckets = opt._perturbed_buckets()
+    buckets = opt.layout(with_state_only=True)
     perturbed = _by_group(opt, buckets, lambda b: _moments(b.params, b.applied_directions(key)))
 
     def true_moments(b):  # one bucket at a time: one bucket's copy in memory, not the model's
@@ -164,7 +164,7 @@ def resolve_loaded_weights(opt, pending: PendingWeightsCheck, where: str, *, fin
     the perturbed nor the true weights of the loaded state raise, changing nothing.
     ``gradient_taken``: the gradients were computed at the weights as loaded; if those are the
     true weights, the step goes on from the perturbed ones, and says that it is not exact."""
-    buckets = opt._perturbed_buckets()
+    buckets = opt.layout(with_state_only=True)
     if pending.fingerprint is None:  # a warm start: the model's weights are the true weights
         with torch.no_grad():
             for b in buckets:

@@ -3,11 +3,11 @@
 Thin wrappers over ``torch.ops.msam_fused.*`` with the signatures of ``msam_fused.reference``
 (see ``msam_fused/backends.py`` for the contract), plus a fake (meta) kernel per op so that
 the ops trace under ``torch.compile``. Each call handles one bucket with a constant number of
-kernel launches, whatever the number of tensors; coefficients, ``grad_scale`` and
-``found_inf`` are read by the kernels on the device.
+kernel launches, whatever the number of tensors; ``hyper``, coefficients, ``rho``,
+``grad_scale`` and ``found_inf`` are read by the kernels on the device.
 
-Options the kernels do not implement are refused with :class:`NotImplementedError`, never
-ignored.
+Adaptive perturbations (``perturbations=``) are not implemented here and are refused with
+:class:`NotImplementedError`, never ignored.
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ except ImportError as err:
 else:
     _LOAD_ERROR = None
 
-BACKEND_FUNCTIONS = ("msam_sgd_update_", "adamw_msam_update_", "perturbation_coef",
-                     "apply_perturbation_", "remove_perturbation_", "sam_ascent_sum_of_squares",
-                     "sam_ascent_", "sam_restore_",
-                     # the one-pass step (see msam_fused/momentum_ascent.py)
-                     "msam_sgd_sum_of_squares", "msam_sgd_step_", "adamw_msam_sum_of_squares",
-                     "adamw_msam_step_",
-                     # MSAM-SGD overlapped with backward (see msam_fused/overlap.py)
-                     "segment_count", "msam_sgd_overlap_norm", "msam_sgd_overlap_stash_",
-                     "msam_sgd_overlap_finish_", "sum_segment_partials")
+capabilities = frozenset({"stash"})
+
+BACKEND_FUNCTIONS = ("msam_sgd_partials", "adamw_msam_partials", "segment_count", "sum_segment_partials",
+                     "perturbation_coef", "msam_sgd_step_", "adamw_msam_step_", "msam_sgd_overlap_stash_",
+                     "msam_sgd_overlap_finish_", "remove_perturbation_", "apply_perturbation_",
+                     "sam_ascent_partials", "sam_ascent_", "sam_restore_")
 
 _cuda_reasons: dict = {}
 
@@ -64,7 +61,7 @@ def _probe_cuda(device: int) -> Optional[str]:
     """Run the smallest kernel once: it fails if no image was compiled for this GPU."""
     try:
         one = torch.ones((), device=device)
-        torch.ops.msam_fused.perturbation_coef(one, 1.0, one, None)
+        torch.ops.msam_fused.perturbation_coef(one, one, one, None)
     except RuntimeError as err:
         major, minor = torch.cuda.get_device_capability(device)
         return (f"the CUDA kernels do not run on {torch.cuda.get_device_name(device)} (compute "
@@ -73,143 +70,113 @@ def _probe_cuda(device: int) -> Optional[str]:
 
 
 def backend(kind: str) -> types.SimpleNamespace:
-    """This module's functions under the backend name ``kind``."""
-    return types.SimpleNamespace(name=kind, **{f: globals()[f] for f in BACKEND_FUNCTIONS})
+    """This module's functions under the backend name ``kind``, with their capabilities."""
+    return types.SimpleNamespace(name=kind, capabilities=capabilities,
+                                 **{f: globals()[f] for f in BACKEND_FUNCTIONS})
 
 
 # --------------------------------------------------------------------------- the contract
-def msam_sgd_update_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef,
-                     norm_dtype, grad_scale=None, found_inf=None, **options) -> Tensor:
-    _refuse(options, "msam_sgd_update_")
-    return _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_update_(
-        pick(params), pick(grads), pick(momenta), ms, lr, weight_decay, momentum, coef, norm_dtype,
-        grad_scale, found_inf))
+def msam_sgd_partials(params, grads, momenta, masters, *, hyper, norm_dtype, grad_scale=None, coef_old=None,
+                      perturbations=None) -> Tensor:
+    """The read-only pass: per segment, the sum of squares of the new momenta and the
+    gradients' non-finite marker, ``[segments, 2]`` float64. ``masters`` and ``coef_old`` are
+    not read (they matter only to adaptive perturbations, which these kernels lack)."""
+    _refuse_adaptive(perturbations, "msam_sgd_partials")
+    return torch.ops.msam_fused.msam_sgd_partials(list(params), list(grads), list(momenta), hyper, norm_dtype,
+                                                 grad_scale)
 
 
-def adamw_msam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
-                       eps, weight_decay, coef, norm_dtype, grad_scale=None, found_inf=None,
-                       **options) -> Tensor:
-    _refuse(options, "adamw_msam_update_")
-    return _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_update_(
-        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
-        beta2, eps, weight_decay, coef, norm_dtype, grad_scale, found_inf))
+def adamw_msam_partials(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, hyper, norm_dtype,
+                        grad_scale=None, coef_old=None, perturbations=None) -> Tensor:
+    """The read-only pass of AdamW-MSAM (reads only ``grads`` and ``exp_avgs``)."""
+    _refuse_adaptive(perturbations, "adamw_msam_partials")
+    return torch.ops.msam_fused.adamw_msam_partials(list(params), list(grads), list(exp_avgs), hyper, norm_dtype,
+                                                   grad_scale)
 
 
-def msam_sgd_sum_of_squares(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
-                            grad_scale=None, **options) -> tuple[Tensor, Tensor]:
-    """Read-only first pass of the one-pass step: the sum of squares of the new momenta and a
-    0-d bool that is True when a gradient holds inf or NaN."""
-    _refuse(options, "msam_sgd_sum_of_squares")
-    return torch.ops.msam_fused.msam_sgd_sum_of_squares(list(params), list(grads), list(momenta),
-                                                       weight_decay, momentum, norm_dtype, grad_scale)
+def msam_sgd_step_(params, grads, momenta, masters, *, hyper, coef_old, coef_new, grad_scale=None,
+                   found_inf=None, perturbations=None) -> None:
+    _refuse_adaptive(perturbations, "msam_sgd_step_")
+    _by_master_presence(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_step_(
+        pick(params), pick(grads), pick(momenta), ms, hyper, coef_old, coef_new, grad_scale, found_inf))
 
 
-def msam_sgd_step_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef_old,
-                   coef_new, grad_scale=None, found_inf=None, **options) -> None:
-    """The whole MSAM-SGD step in one pass: ``msam_sgd_update_`` with ``coef_old``, then
-    ``apply_perturbation_`` with ``coef_new``, without storing the true weights in between."""
-    _refuse(options, "msam_sgd_step_")
-    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.msam_sgd_step_(
-        pick(params), pick(grads), pick(momenta), ms, lr, weight_decay, momentum, coef_old,
+def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, hyper, coef_old, coef_new,
+                     grad_scale=None, found_inf=None, perturbations=None) -> None:
+    _refuse_adaptive(perturbations, "adamw_msam_step_")
+    _by_master_presence(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_step_(
+        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, hyper, coef_old,
         coef_new, grad_scale, found_inf))
 
 
-def adamw_msam_sum_of_squares(params, grads, exp_avgs, *, beta1, norm_dtype, grad_scale=None,
-                              **options) -> tuple[Tensor, Tensor]:
-    """Read-only first pass of the one-pass AdamW-MSAM step (reads only grads and exp_avgs)."""
-    _refuse(options, "adamw_msam_sum_of_squares")
-    return torch.ops.msam_fused.adamw_msam_sum_of_squares(list(params), list(grads), list(exp_avgs),
-                                                         beta1, norm_dtype, grad_scale)
-
-
-def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
-                     eps, weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None,
-                     **options) -> None:
-    _refuse(options, "adamw_msam_step_")
-    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.adamw_msam_step_(
-        pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), ms, lr, beta1,
-        beta2, eps, weight_decay, coef_old, coef_new, grad_scale, found_inf))
-
-
 def segment_count(numel: int, device: torch.device) -> int:
-    """How many partial sums the overlapped passes return for a tensor (one per segment)."""
+    """How many rows of partial sums the read-only passes return for a tensor (one per segment)."""
     length = _segment_length(torch.device(device).type)
     return (numel + length - 1) // length
-
-
-def msam_sgd_overlap_norm(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
-                          grad_scale=None) -> Tensor:
-    return torch.ops.msam_fused.msam_sgd_overlap_norm(list(params), list(grads), list(momenta),
-                                                     weight_decay, momentum, norm_dtype, grad_scale)
-
-
-def msam_sgd_overlap_stash_(params, grads, momenta, *, weight_decay, momentum, norm_dtype,
-                            grad_scale=None) -> Tensor:
-    return torch.ops.msam_fused.msam_sgd_overlap_stash_(list(params), list(grads), list(momenta),
-                                                       weight_decay, momentum, norm_dtype, grad_scale)
-
-
-def msam_sgd_overlap_finish_(params, stashes, momenta, *, lr, coef_old, coef_new,
-                             found_inf=None) -> None:
-    torch.ops.msam_fused.msam_sgd_overlap_finish_(list(params), list(stashes), list(momenta), lr,
-                                                  coef_old, coef_new, found_inf)
 
 
 def sum_segment_partials(partials: Tensor, norm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return torch.ops.msam_fused.sum_segment_partials(partials, norm_dtype)
 
 
-def perturbation_coef(sum_of_squares: Tensor, rho: float, coef_old: Tensor,
+def perturbation_coef(sum_of_squares: Tensor, rho, coef_old: Tensor,
                       found_inf: Optional[Tensor] = None) -> Tensor:
+    """``rho`` is a 0-d tensor on ``sum_of_squares``' device, or a float."""
+    if not isinstance(rho, Tensor):
+        rho = torch.tensor(float(rho), dtype=torch.float64, device=sum_of_squares.device)
     return torch.ops.msam_fused.perturbation_coef(sum_of_squares, rho, coef_old, found_inf)
 
 
-def apply_perturbation_(params, directions, masters, *, coef, found_inf=None, **options) -> None:
-    _refuse(options, "apply_perturbation_")
-    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
-        pick(params), pick(directions), ms, coef, -1.0, found_inf))
+def msam_sgd_overlap_stash_(params, grads, momenta, *, hyper, norm_dtype, grad_scale=None) -> Tensor:
+    return torch.ops.msam_fused.msam_sgd_overlap_stash_(list(params), list(grads), list(momenta), hyper,
+                                                       norm_dtype, grad_scale)
 
 
-def remove_perturbation_(params, directions, masters, *, coef, **options) -> None:
-    _refuse(options, "remove_perturbation_")
+def msam_sgd_overlap_finish_(params, stashes, momenta, *, hyper, coef_old, coef_new, found_inf=None) -> None:
+    torch.ops.msam_fused.msam_sgd_overlap_finish_(list(params), list(stashes), list(momenta), hyper, coef_old,
+                                                  coef_new, found_inf)
+
+
+def apply_perturbation_(params, directions, masters, *, coef) -> None:
+    _by_master_presence(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
+        pick(params), pick(directions), ms, coef, -1.0))
+
+
+def remove_perturbation_(params, directions, masters, *, coef) -> None:
     # With a master copy the true weights are the master itself (alpha 0), else p + c * x.
-    _sum_over_master_parts(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
-        pick(params), pick(directions), ms, coef, 0.0 if ms else 1.0, None))
+    _by_master_presence(masters, lambda pick, ms: torch.ops.msam_fused.perturb_(
+        pick(params), pick(directions), ms, coef, 0.0 if ms else 1.0))
 
 
-def sam_ascent_sum_of_squares(params, grads, *, adaptive, norm_dtype) -> Tensor:
-    return torch.ops.msam_fused.sam_ascent_sum_of_squares(list(params), list(grads), adaptive,
-                                                         norm_dtype)
+def sam_ascent_partials(params, grads, *, adaptive, norm_dtype) -> Tensor:
+    return torch.ops.msam_fused.sam_ascent_partials(list(params), list(grads), adaptive, norm_dtype)
 
 
 def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> None:
-    torch.ops.msam_fused.sam_ascent_(list(params), list(grads), list(backups), scale, adaptive,
-                                     found_inf)
+    torch.ops.msam_fused.sam_ascent_(list(params), list(grads), list(backups), scale, adaptive, found_inf)
 
 
 def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     torch._foreach_copy_(list(params), list(backups))
 
 
-def _refuse(options: dict, op: str) -> None:
-    if options:
+def _refuse_adaptive(perturbations, op: str) -> None:
+    if perturbations is not None:
         raise NotImplementedError(
-            f"msam_fused: the fused kernels ({op}) do not implement {sorted(options)}; "
-            "use backend='reference' (or 'auto' on a device where it applies) for these options")
+            f"msam_fused: the fused kernels ({op}) do not implement adaptive perturbations "
+            "(capability 'adaptive'); use backend='reference' for adaptive groups")
 
 
-def _sum_over_master_parts(masters, call):
+def _by_master_presence(masters, call) -> None:
     """``call(pick, masters)`` once for the tensors with a master copy and once for those
-    without (normally the bucket is all one or the other); the sum of the results."""
+    without (normally the bucket is all one or the other)."""
     present = [i for i, m in enumerate(masters) if m is not None]
-    if not present:
-        return call(list, [])
-    if len(present) == len(masters):
-        return call(list, list(masters))
+    if len(present) in (0, len(masters)):
+        call(list, [m for m in masters if m is not None])
+        return
     absent = [i for i, m in enumerate(masters) if m is None]
-    with_masters = call(lambda xs: [xs[i] for i in present], [masters[i] for i in present])
-    without = call(lambda xs: [xs[i] for i in absent], [])
-    return without if with_masters is None else with_masters + without
+    call(lambda xs: [xs[i] for i in present], [masters[i] for i in present])
+    call(lambda xs: [xs[i] for i in absent], [])
 
 
 _segment_lengths: dict = {}
@@ -223,10 +190,12 @@ def _segment_length(device_type: str) -> int:
 
 
 # ------------------------------------------------------------------------- fake kernels
-def _check_lists(op: str, params, **lists) -> None:
+def _check_lists(op: str, params, hyper=None, **lists) -> None:
     """The checks of the C++ ops that shapes alone decide (fake tensors have no data)."""
     torch._check(len(params) > 0, lambda: f"msam_fused.{op}: params is empty")
     device = params[0].device
+    torch._check(hyper is None or hyper.device == device,
+                 lambda: f"msam_fused.{op}: hyper is on {hyper.device} but params[0] is on {device}")
     for list_name, tensors in {"params": params, **lists}.items():
         torch._check(len(tensors) in (0, len(params)) if list_name == "masters"
                      else len(tensors) == len(params),
@@ -238,62 +207,25 @@ def _check_lists(op: str, params, **lists) -> None:
                                  f"on {device}; all tensors of one call must be on one device")
 
 
+def _fake_partials(params):
+    segments = sum(segment_count(p.numel(), p.device) for p in params)
+    return params[0].new_empty((segments, 2), dtype=torch.float64)
+
+
 if _LOAD_ERROR is None:
-    @torch.library.register_fake("msam_fused::msam_sgd_update_")
-    def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef, norm_dtype,
-          grad_scale=None, found_inf=None):
-        _check_lists("msam_sgd_update_", params, grads=grads, momenta=momenta, masters=masters)
-        return params[0].new_empty((), dtype=norm_dtype)
-
-    @torch.library.register_fake("msam_fused::msam_sgd_sum_of_squares")
-    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
-        _check_lists("msam_sgd_sum_of_squares", params, grads=grads, momenta=momenta)
-        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
-
-    @torch.library.register_fake("msam_fused::msam_sgd_step_")
-    def _(params, grads, momenta, masters, lr, weight_decay, momentum, coef_old, coef_new,
-          grad_scale=None, found_inf=None):
-        _check_lists("msam_sgd_step_", params, grads=grads, momenta=momenta, masters=masters)
-
-    def _fake_partials(params):
-        segments = sum(segment_count(p.numel(), p.device) for p in params)
-        return params[0].new_empty((segments, 2), dtype=torch.float64)
-
-    @torch.library.register_fake("msam_fused::msam_sgd_overlap_norm")
-    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
-        _check_lists("msam_sgd_overlap_norm", params, grads=grads, momenta=momenta)
+    @torch.library.register_fake("msam_fused::msam_sgd_partials")
+    def _(params, grads, momenta, hyper, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_partials", params, hyper, grads=grads, momenta=momenta)
         return _fake_partials(params)
 
-    @torch.library.register_fake("msam_fused::msam_sgd_overlap_stash_")
-    def _(params, grads, momenta, weight_decay, momentum, norm_dtype, grad_scale=None):
-        _check_lists("msam_sgd_overlap_stash_", params, grads=grads, momenta=momenta)
+    @torch.library.register_fake("msam_fused::adamw_msam_partials")
+    def _(params, grads, exp_avgs, hyper, norm_dtype, grad_scale=None):
+        _check_lists("adamw_msam_partials", params, hyper, grads=grads, exp_avgs=exp_avgs)
         return _fake_partials(params)
-
-    @torch.library.register_fake("msam_fused::msam_sgd_overlap_finish_")
-    def _(params, stashes, momenta, lr, coef_old, coef_new, found_inf=None):
-        _check_lists("msam_sgd_overlap_finish_", params, stashes=stashes, momenta=momenta)
 
     @torch.library.register_fake("msam_fused::sum_segment_partials")
     def _(partials, norm_dtype):
         return partials.new_empty((), dtype=norm_dtype), partials.new_empty((), dtype=torch.bool)
-
-    @torch.library.register_fake("msam_fused::adamw_msam_sum_of_squares")
-    def _(params, grads, exp_avgs, beta1, norm_dtype, grad_scale=None):
-        _check_lists("adamw_msam_sum_of_squares", params, grads=grads, exp_avgs=exp_avgs)
-        return params[0].new_empty((), dtype=norm_dtype), params[0].new_empty((), dtype=torch.bool)
-
-    @torch.library.register_fake("msam_fused::adamw_msam_step_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,
-          weight_decay, coef_old, coef_new, grad_scale=None, found_inf=None):
-        _check_lists("adamw_msam_step_", params, grads=grads, exp_avgs=exp_avgs,
-                     exp_avg_sqs=exp_avg_sqs, steps=steps, masters=masters)
-
-    @torch.library.register_fake("msam_fused::adamw_msam_update_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, lr, beta1, beta2, eps,
-          weight_decay, coef, norm_dtype, grad_scale=None, found_inf=None):
-        _check_lists("adamw_msam_update_", params, grads=grads, exp_avgs=exp_avgs,
-                     exp_avg_sqs=exp_avg_sqs, steps=steps, masters=masters)
-        return params[0].new_empty((), dtype=norm_dtype)
 
     @torch.library.register_fake("msam_fused::perturbation_coef")
     def _(sum_of_squares, rho, coef_old, found_inf=None):
@@ -301,14 +233,33 @@ if _LOAD_ERROR is None:
                                                     "hold one element")
         return coef_old.new_empty(())
 
+    @torch.library.register_fake("msam_fused::msam_sgd_step_")
+    def _(params, grads, momenta, masters, hyper, coef_old, coef_new, grad_scale=None, found_inf=None):
+        _check_lists("msam_sgd_step_", params, hyper, grads=grads, momenta=momenta, masters=masters)
+
+    @torch.library.register_fake("msam_fused::adamw_msam_step_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, masters, hyper, coef_old, coef_new, grad_scale=None,
+          found_inf=None):
+        _check_lists("adamw_msam_step_", params, hyper, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     steps=steps, masters=masters)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_overlap_stash_")
+    def _(params, grads, momenta, hyper, norm_dtype, grad_scale=None):
+        _check_lists("msam_sgd_overlap_stash_", params, hyper, grads=grads, momenta=momenta)
+        return _fake_partials(params)
+
+    @torch.library.register_fake("msam_fused::msam_sgd_overlap_finish_")
+    def _(params, stashes, momenta, hyper, coef_old, coef_new, found_inf=None):
+        _check_lists("msam_sgd_overlap_finish_", params, hyper, stashes=stashes, momenta=momenta)
+
     @torch.library.register_fake("msam_fused::perturb_")
-    def _(params, directions, masters, coef, alpha, found_inf=None):
+    def _(params, directions, masters, coef, alpha):
         _check_lists("perturb_", params, directions=directions, masters=masters)
 
-    @torch.library.register_fake("msam_fused::sam_ascent_sum_of_squares")
+    @torch.library.register_fake("msam_fused::sam_ascent_partials")
     def _(params, grads, adaptive, norm_dtype):
-        _check_lists("sam_ascent_sum_of_squares", params, grads=grads)
-        return params[0].new_empty((), dtype=norm_dtype)
+        _check_lists("sam_ascent_partials", params, grads=grads)
+        return _fake_partials(params)
 
     @torch.library.register_fake("msam_fused::sam_ascent_")
     def _(params, grads, backups, scale, adaptive, found_inf=None):

@@ -1,21 +1,24 @@
-"""What MSAM and AdamW-MSAM share: the perturbed-weights invariant and everything around it.
+"""What MSAM and AdamW-MSAM share: the perturbed-weights invariant and the step around it.
 
 Between steps every parameter holds ``p = w - c * x``: the true weights ``w`` minus the
 coefficient ``c`` (one per param group, remembered exactly as applied) times the ascent
-direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-MSAM). A step is
+direction ``x`` (the momentum ``v`` for MSAM, the first moment ``m`` for AdamW-MSAM). A step
+follows the step contract of docs/design.md, per bucket (one param group on one device in one
+dtype):
 
-1. one pass per bucket that removes the old perturbation and updates the weights and state
-   (``backend.*_update_``), returning the bucket's sum of squares of the new ``x``;
-2. the global norm over all buckets (all groups, all devices) and, per group,
-   ``c = rho / (||x|| + EPS_NORM)`` (``backend.perturbation_coef``), both on the device;
-3. one pass per bucket that applies the new perturbation (``backend.apply_perturbation_``).
+1. ``backend.*_partials``: a read-only pass returning per-segment partial sums of squares of
+   the new ``x`` and non-finite markers; ``sum_segment_partials`` folds them (so
+   ``nonfinite="skip"`` needs no pass of its own);
+2. the global sum over all buckets (all groups, all devices, all-reduced over shards) and, per
+   group, ``c = rho / (||x|| + EPS_NORM)`` (``backend.perturbation_coef``), on the device;
+3. ``backend.*_step_``: one write pass that removes the old perturbation, updates state and
+   weights and applies the new one.
 
-Backends that have the one-pass step (``one_pass_functions``, the fused kernels) run step 1
-as a read-only pass (``*_sum_of_squares``, which also flags non-finite gradients, so
-``nonfinite="skip"`` needs no pass of its own) and steps 1-3 together in ``*_step_``.
-
-A bucket is the parameters of one param group on one device in one dtype. The step never
-reads a device value on the host (except ``nonfinite="raise"``, which must).
+An :class:`Algorithm` says what differs between the optimizers: its state columns, the
+direction, the hyper-parameters of a group and the two backend passes. The buckets and each
+group's ``hyper`` vector are cached across steps and rebuilt only when what they depend on
+changes (:class:`StepPlan`); the step never reads a device value on the host (except
+``nonfinite="raise"``, which must).
 
 Sharded parameters (DTensors, FSDP2): buckets hold each rank's local shards, and the sum of
 squares and the non-finite flag are all-reduced over the mesh between the passes
@@ -25,8 +28,8 @@ Two group options change what is perturbed (docs/variants.md):
 
 * ``adaptive=True`` (ASAM-style): the group's perturbation is ``-c * x`` with ``x = w**2 * v``
   and its terms of the global norm are ``|w| * v``; ``x`` is stored as applied (state
-  ``"perturbation"``), so the invariant reads ``p = w - c * x`` and is removed exactly.
-  Backends that implement it set ``supports_adaptive``.
+  ``"perturbation"``), so the invariant reads ``p = w - c * x`` and is removed exactly. Needs a
+  backend with the ``"adaptive"`` capability.
 * ``perturb=False``: the group is never perturbed (``c = 0``, ``p = w``) and stays out of the
   global norm, e.g. everything but the normalization layers (SAM-ON).
 """
@@ -35,15 +38,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam_fused import backends, checkpoints
+from msam_fused import backends, checkpoints, reference
 from msam_fused.distributed import sharding
-from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
+from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite
 from msam_fused.validation import (ParamPlace, check_flag, check_model_holds_params,
                                    check_new_params, check_nonfinite_policy, check_param_for_step,
                                    describe_param, listed_params, with_plain_params)
@@ -61,51 +64,114 @@ def perturbs(group: dict) -> bool:
     return bool(group.get("perturb", True))
 
 
-@dataclass
+@dataclass(frozen=True)
+class Algorithm:
+    """One optimizer's part of the step: everything the shared code needs to know about it."""
+
+    #: state key of the ascent direction ``x`` (the perturbation is ``-c * x``)
+    direction_key: str
+    #: the state columns, in the order the backend passes take them (after params and grads)
+    state_keys: tuple
+    #: those of them that are per-parameter 0-d float32 counters; the others are shaped like
+    #: the parameter, in its dtype (float32 for bf16/fp16 parameters)
+    counter_keys: frozenset
+    #: per entry of ``hyper``: the group key it comes from and the index in that value (AdamW's
+    #: ``betas``) or None; the last entry is ``rho``
+    hyper_sources: tuple
+    #: the backend's read-only pass and write pass
+    partials: str
+    step: str
+
+    @property
+    def group_keys(self) -> tuple:
+        """The group keys every saved param group must carry."""
+        return tuple(dict.fromkeys(key for key, _ in self.hyper_sources))
+
+    def hyper_values(self, group: dict) -> tuple:
+        return tuple(group[key] if index is None else group[key][index] for key, index in self.hyper_sources)
+
+
+@dataclass(eq=False)
 class Bucket:
-    """The tensors of one (param group, device, dtype) that take part in this step."""
+    """The tensors of one (param group, device, dtype) that take part in a step, in group order."""
 
     group: dict
+    group_index: int
     device: torch.device
-    params: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
+    dtype: torch.dtype
+    backend: Any
+    hyper: Tensor                  # the group's hyper-parameters on this device (float64)
+    sources: list = field(default_factory=list)   # the parameters (their .grad is read per step)
+    indices: list = field(default_factory=list)   # where each is in its group (for messages)
+    params: list = field(default_factory=list)    # what the backend works on (local shards)
     states: list = field(default_factory=list)
-    backend: Any = None
     norm_weight: float = 1.0  # what its sum of squares counts for in the global norm (sharding)
     sharded: bool = False     # params, grads and state are DTensors: hand the backend local shards
-    # Overlapped with backward (msam_fused/overlap.py): the first pass's (sum of squares,
-    # non-finite flag), computed during backward, and whether that pass stashed (then ``grads``
-    # hold the old momenta and the overlapped finish pass completes the step).
-    hidden: Optional[tuple] = None
-    stashed: bool = False
 
     def column(self, key: str) -> list:
         values = [state.get(key) for state in self.states]
         return [sharding.local(v) for v in values] if self.sharded else values
+
+    def grads(self) -> list:
+        grads = [p.grad for p in self.sources]
+        return [sharding.local(g) for g in grads] if self.sharded else grads
 
     def applied_directions(self, direction_key: str) -> list:
         """What the perturbation was applied along: the stored ``x`` of an adaptive group,
         else the direction state itself."""
         return self.column(PERTURBATION_KEY if is_adaptive(self.group) else direction_key)
 
-    def adaptive_kwargs(self) -> dict:
-        """``perturbations=`` for the backend, only for adaptive groups, so backends without
-        adaptive support keep seeing the plain contract."""
-        return {"perturbations": self.column(PERTURBATION_KEY)} if is_adaptive(self.group) else {}
+
+@dataclass(eq=False)
+class PlannedBucket(Bucket):
+    """A bucket of the cached step plan, with its backend calls bound once."""
+
+    columns: tuple = ()            # the algorithm's state columns, then the master copies
+    adaptive: dict = field(default_factory=dict)  # perturbations= for adaptive groups
+    partials_pass: Optional[Callable] = None
+    write_pass: Optional[Callable] = None
+    checked_grads: bool = False    # the gradients' layouts were checked once
+    coef_shared: bool = False      # every state holds the same coefficient tensor
+
+
+@dataclass(eq=False)
+class StepPlan:
+    """The buckets of a step, valid while :meth:`MomentumAscentOptimizer._plan_key` is."""
+
+    key: tuple
+    buckets: list
+    absent: list      # parameters without state and gradient: a gradient on one changes the plan
+    norm_device: torch.device
+    norm_dtype: torch.dtype
+    coefs: dict       # group index -> the coefficient tensor its state holds (None: never stepped)
+    zero: Tensor      # c = 0 on the norm device, for groups never stepped
+
+
+@dataclass(eq=False)
+class GroupHyper:
+    """A group's ``hyper`` vector per device, rebuilt when one of its float values changes;
+    0-d tensor values (LR schedulers and rho schedules update them in place) are copied in on
+    the device each step, so nothing is read on the host and a captured step stays live."""
+
+    key: tuple
+    vectors: dict = field(default_factory=dict)   # device -> float64 vector
+    live: list = field(default_factory=list)      # (entry of a vector, 0-d tensor value)
 
 
 class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     """Base class of :class:`~msam_fused.MSAM` and :class:`~msam_fused.AdamWMSAM`."""
 
-    #: state key of the ascent direction ``x`` (the perturbation is ``-c * x``)
-    direction_key: str
-    #: group keys every saved param group must carry
-    hyperparameter_keys: tuple
+    algorithm: Algorithm
     #: the torch optimizer whose state dict warm-starts this one (``load_state_dict``)
     torch_counterpart: str
 
+    @property
+    def direction_key(self) -> str:
+        """State key of the ascent direction ``x`` (the perturbation is ``-c * x``)."""
+        return self.algorithm.direction_key
+
     # GradScaler hands us ``grad_scale`` and ``found_inf`` instead of unscaling and checking
-    # the gradients itself; the unscale happens inside the update pass.
+    # the gradients itself; the unscale happens inside the passes.
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto", nonfinite: str = "skip",
@@ -128,7 +194,10 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         self._skipped_steps: Optional[Tensor] = None
         self._unperturbed_depth = 0
         self._sharding: Optional[sharding.ShardLayout] = None  # set when parameters are DTensors
-        self._overlap = None  # msam_fused.overlap.OverlappedBackward, while one is registered
+        self._overlap = None  # msam_fused.overlap.OverlappedBackward, while one is attached
+        self._plan: Optional[StepPlan] = None
+        self._plan_epoch = 0  # bumped by whatever replaces state or groups wholesale
+        self._hypers: dict[int, GroupHyper] = {}  # id(group) -> its hyper vectors
         # what load_state_dict left to do once the model holds its weights (msam_fused.checkpoints)
         self._loaded_weights: Optional[checkpoints.PendingWeightsCheck] = None
         # inside unperturbed(): (bucket, its saved perturbed copies) per bucket
@@ -152,7 +221,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
                 self._register_group(group)
             self._sharding = sharding.shard_layout(type(self).__name__, self._all_params())
 
-    # ----------------------------------------------------------------------------- hooks
+    # --------------------------------------------------------------------------- the group
     @classmethod
     def check_hyperparameters(cls, where: str, group: dict) -> None:
         raise NotImplementedError
@@ -164,29 +233,6 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         check_flag(where, "adaptive", group.get("adaptive", False))
         check_flag(where, "perturb", group.get("perturb", True))
 
-    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
-        """Each state key of ``p`` mapped to its (shape, dtype)."""
-        raise NotImplementedError
-
-    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
-                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    # The one-pass step, for backends that have ``one_pass_functions`` (the fused kernels):
-    # a read-only pass returns the sum of squares of the new direction and a non-finite flag,
-    # then one pass per bucket does the whole step given both coefficients. Same memory
-    # traffic as update + apply_perturbation, and the non-finite check comes free.
-    one_pass_functions: tuple
-
-    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
-                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
-                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
         where = type(self).__name__
         if getattr(self, "_overlap", None) is not None:
@@ -210,36 +256,35 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         for p in group["params"]:
             self._layouts[id(p)] = (p.device, p.dtype)
             self._backend_on(p.device)
-            self._bucket_backend(group, p.device)  # fails now if the group cannot run there
+            self.bucket_backend(group, p.device)  # fails now if the group cannot run there
+        self._plan_epoch += 1
 
-    def _bucket_backend(self, group: dict, device: torch.device):
+    def bucket_backend(self, group: dict, device: torch.device):
+        """The backend that runs ``group``'s tensors on ``device``."""
         backend = self._backends[device]
         if is_adaptive(group):
-            return backends.with_feature(backend, "supports_adaptive", self.backend_request,
-                                         f"{type(self).__name__}(adaptive=True)")
+            return backends.with_capability(backend, backends.ADAPTIVE, self.backend_request,
+                                            f"{type(self).__name__}(adaptive=True)")
         return backend
 
-    def _norm_dtype(self) -> torch.dtype:
-        dtypes = {layout[1] for layout in self._layouts.values()}
-        return torch.float64 if torch.float64 in dtypes else torch.float32
+    def norm_dtype(self) -> torch.dtype:
+        """The dtype of the global norm and of the perturbation coefficients."""
+        return reference.norm_dtype(layout[1] for layout in self._layouts.values())
 
+    # ------------------------------------------------------------------------------ state
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
-    def _wants_master(self, p: Tensor) -> bool:
-        return self.master_weights and p.dtype in LOW_PRECISION
-
-    def _common_state_spec(self, p: Tensor) -> dict[str, tuple]:
-        spec = {"perturbation_coef": ((), self._norm_dtype())}
-        if self._wants_master(p):
-            spec["master_weight"] = (p.shape, torch.float32)
-        return spec
-
     def _group_state_spec(self, p: Tensor, group: dict) -> dict[str, tuple]:
-        """:meth:`_state_spec` plus the stored perturbation of an adaptive group."""
-        spec = self._state_spec(p)
+        """Each state key of ``p`` in ``group`` mapped to its (shape, dtype)."""
+        dtype = self._state_dtype(p)
+        spec = {k: ((), torch.float32) if k in self.algorithm.counter_keys else (p.shape, dtype)
+                for k in self.algorithm.state_keys}
+        spec["perturbation_coef"] = ((), self.norm_dtype())
+        if self.master_weights and p.dtype in LOW_PRECISION:
+            spec["master_weight"] = (p.shape, torch.float32)
         if is_adaptive(group):
-            spec[PERTURBATION_KEY] = (p.shape, self._state_dtype(p))
+            spec[PERTURBATION_KEY] = (p.shape, dtype)
         return spec
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
@@ -250,6 +295,170 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             state["master_weight"].copy_(p.detach())
         return state
 
+    def ensure_state(self, p: Tensor, group: dict) -> dict:
+        """``p``'s state, created (zero, sharing its group's coefficient tensor, as a step
+        leaves it) if it has none yet."""
+        state = self.state.get(p)
+        if state:
+            return state
+        coef = self._group_coef(group)
+        state = self._init_state(p, group)
+        if coef is not None:
+            state["perturbation_coef"] = coef
+        self.state[p] = state
+        return state
+
+    def _group_coef(self, group: dict) -> Optional[Tensor]:
+        """The coefficient last applied to this group (None before its first step)."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                return state["perturbation_coef"]
+        return None
+
+    # -------------------------------------------------------------------- hyper-parameters
+    def refresh_hypers(self, where: str) -> None:
+        """Once per step: a group whose float values (or options) changed is checked and its
+        vectors rewritten in place (the buckets keep them); tensor values are copied in."""
+        live = []
+        for gi, group in enumerate(self.param_groups):
+            values = self.algorithm.hyper_values(group)
+            key = (tuple(("tensor", id(v)) if isinstance(v, Tensor) else v for v in values),
+                   group.get("adaptive", False), group.get("perturb", True))
+            entry = self._hypers.get(id(group))
+            if entry is None or entry.key != key:
+                self.check_group(f"{where}: param group {gi}", group)
+                if entry is None:
+                    entry = self._hypers[id(group)] = GroupHyper(key)
+                entry.key = key
+                entry.live = []
+                for vector in entry.vectors.values():
+                    self._fill_hyper(group, vector, entry)
+            live += entry.live
+        if live:
+            torch._foreach_copy_([d for d, _ in live], [v for _, v in live])
+
+    def hyper(self, group: dict, device: torch.device) -> Tensor:
+        """``group``'s ``hyper`` vector on ``device``: float64, in the algorithm's order, with
+        ``rho`` zero for a group that is not perturbed; as of the last step's refresh (a new
+        vector is current)."""
+        entry = self._hypers.get(id(group))
+        if entry is None:
+            entry = self._hypers[id(group)] = GroupHyper(None)
+        vector = entry.vectors.get(device)
+        if vector is None:
+            vector = entry.vectors[device] = torch.zeros(len(self.algorithm.hyper_sources),
+                                                         dtype=torch.float64, device=device)
+            self._fill_hyper(group, vector, entry)
+        return vector
+
+    def _fill_hyper(self, group: dict, vector: Tensor, entry: GroupHyper) -> None:
+        values = self.algorithm.hyper_values(group)
+        if not perturbs(group):
+            values = values[:-1] + (0.0,)
+        floats = [0.0 if isinstance(v, Tensor) else float(v) for v in values]
+        vector.copy_(torch.tensor(floats, dtype=torch.float64), non_blocking=True)
+        for i, v in enumerate(values):
+            if isinstance(v, Tensor):
+                entry.live.append((vector[i], v))
+                vector[i].copy_(v)
+
+    # ----------------------------------------------------------------------------- the plan
+    def _plan_key(self) -> tuple:
+        """What the buckets depend on, cheap to compute every step: the groups and their
+        parameter lists, the options that change the state, the state's size and the epoch
+        (``load_state_dict``, ``add_param_group``). Which parameters have gradients is checked
+        in :meth:`_step_plan`."""
+        return (self._plan_epoch, id(self.state), len(self.state),
+                tuple((id(g["params"]), len(g["params"]), g.get("adaptive", False), g.get("perturb", True))
+                      for g in self.param_groups))
+
+    def _step_plan(self, where: str) -> StepPlan:
+        """The cached buckets of a step, rebuilt when something they depend on changed."""
+        self.refresh_hypers(where)
+        plan = self._plan
+        if plan is None or plan.key != self._plan_key() or any(p.grad is not None for p in plan.absent):
+            plan = self._plan = self._build_plan(where)
+        return plan
+
+    def _build_plan(self, where: str) -> StepPlan:
+        """Check every parameter, create missing state and group the tensors into buckets.
+
+        Everything is checked before anything is written, so a bad parameter changes nothing."""
+        for gi, group in enumerate(self.param_groups):
+            self._check_perturbation_options(f"{where}: param group {gi}", group)
+            for i, p in enumerate(group["params"]):
+                self.check_param(where, gi, i, p)
+        coefs = {gi: self._group_coef(g) for gi, g in enumerate(self.param_groups)}
+        entries, absent = [], []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None and not self.state.get(p):
+                    absent.append(p)  # never had a gradient: no state, no perturbation
+                    continue
+                entries.append((gi, i, group, p, self.ensure_state(p, group)))
+        buckets = self._make_buckets(where, entries, PlannedBucket)
+        for b in buckets:
+            self._bind(b)
+        device = buckets[0].device if buckets else torch.device("cpu")
+        norm_dtype = self.norm_dtype()
+        return StepPlan(self._plan_key(), buckets, absent, device, norm_dtype, coefs,
+                        torch.zeros((), dtype=norm_dtype, device=device))
+
+    def _make_buckets(self, where: str, entries, kind=Bucket) -> list:
+        """The one bucketing rule: (group, device, dtype, shard weight), in group order."""
+        sharded = self._sharding is not None
+        buckets: dict[tuple, Bucket] = {}
+        for gi, i, group, p, state in entries:
+            weight = self._sharding.weight(p) if sharded else 1.0
+            key = (gi, p.device, p.dtype, weight)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = kind(group, gi, p.device, p.dtype, self.bucket_backend(group, p.device),
+                                        self.hyper(group, p.device), norm_weight=weight,
+                                        sharded=sharded)
+            b.sources.append(p)
+            b.indices.append(i)
+            b.params.append(sharding.local(p) if sharded else p)
+            b.states.append(state)
+        return list(buckets.values())
+
+    def _bind(self, b: PlannedBucket) -> None:
+        algo = self.algorithm
+        b.columns = tuple(b.column(k) for k in algo.state_keys) + (b.column("master_weight"),)
+        b.adaptive = {"perturbations": b.column(PERTURBATION_KEY)} if is_adaptive(b.group) else {}
+        b.partials_pass = getattr(b.backend, algo.partials)
+        b.write_pass = getattr(b.backend, algo.step)
+
+    def check_param(self, where: str, gi: int, i: int, p: Tensor) -> None:
+        place = ParamPlace(self.param_groups[gi], gi, i, p)
+        check_param_for_step(where, place, p, self._layouts[id(p)])
+        if self._sharding is not None:
+            sharding.check_grad(where, str(place), p)
+
+    def _check_params(self, where: str, b: PlannedBucket) -> None:
+        """Every step: the bucket's parameters are still of its device and dtype (one grouping
+        call; the per-parameter checks run only to name the culprit). Their gradients match
+        them (torch's ``grad`` setter and autograd see to that); a gradient's layout is checked
+        once per parameter (:meth:`_check_layouts`)."""
+        if not b.sharded:
+            groups = torch._C._group_tensors_by_device_and_dtype([b.params], False)
+            if len(groups) == 1 and (b.device, b.dtype) in groups:
+                return
+        for i, p in zip(b.indices, b.sources):
+            self.check_param(where, b.group_index, i, p)
+
+    def _check_perturbation_options(self, where: str, group: dict) -> None:
+        """The group's backend can run its options, and ``adaptive`` is what its state was
+        built for (the stored perturbation exists exactly for adaptive groups)."""
+        for device in {p.device for p in group["params"]}:
+            self.bucket_backend(group, device)
+        state = next((self.state[p] for p in group["params"] if self.state.get(p)), None)
+        if state is not None and (PERTURBATION_KEY in state) != is_adaptive(group):
+            raise ValueError(f"{where}: adaptive={is_adaptive(group)}, but the group was stepped with "
+                             f"adaptive={not is_adaptive(group)}; adaptive cannot change once a "
+                             "group has optimizer state")
+
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -257,7 +466,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
 
         Gradient clipping goes *before* this call, on the gradients at the perturbed point
         (``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)``; with a GradScaler,
-        ``scaler.unscale_(opt)`` first): the clipped gradient is ``g`` in SPEC §1.
+        ``scaler.unscale_(opt)`` first): the clipped gradient is the ``g`` of docs/design.md.
         """
         self._check_loaded_weights(f"{type(self).__name__}.step", gradient_taken=closure is None)
         loss = None
@@ -270,89 +479,121 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         if self._sharding is not None:
             self._sharding.check_alive(where)
         # A backward that ran the first pass (overlap_backward) left the rest of the step.
-        overlapped = self._overlap.take(where) if self._overlap is not None else None
-        # The coefficients last applied, read before new parameters get (zero) state.
-        stored_coef = {id(g): self._group_coef(g) for g in self.param_groups}
-        if overlapped is not None:
-            buckets, grads_at = overlapped.buckets(where), []
-        else:
-            buckets, grads_at = self._collect_buckets(where)
-        if not buckets:
-            if overlapped is not None:
-                overlapped.release()
+        hidden = self._overlap.take(where) if self._overlap is not None else None
+        plan = self._step_plan(where)
+        if not plan.buckets:
+            if hidden is not None:
+                self._overlap.release()
             return loss
-        norm_device = buckets[0].device
-        norm_dtype = self._norm_dtype()
-        # A backend with the one-pass step folds the non-finite check into its first pass.
-        one_pass = all(self._runs_one_pass(b) for b in buckets)
+        norm_device, norm_dtype = plan.norm_device, plan.norm_dtype
         scaler_found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
-        if overlapped is not None:
-            found_inf = overlapped.skip_flag(self.nonfinite, where, scaler_found_inf, norm_device)
-            grad_scale = overlapped.grad_scale  # what the hidden pass divided by
-        else:
-            fold_check = one_pass and self.nonfinite == "skip"
-            found_inf = step_skip_flag(self.nonfinite, where, [] if fold_check else [g for g, _ in grads_at],
-                                       [place for _, place in grads_at], norm_device, scaler_found_inf,
-                                       all_ranks=self._sharding)
-        coef_old = {k: torch.zeros((), dtype=norm_dtype, device=norm_device) if c is None
-                    else c.to(norm_device, non_blocking=True) for k, c in stored_coef.items()}
-        total = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        nonfinite = None
-        for b in buckets:
-            coef = coef_old[id(b.group)].to(b.device, non_blocking=True)
-            if b.hidden is not None:
-                sq, _ = b.hidden  # found_inf above already holds its flag
-            elif one_pass:
-                sq, bad = self._bucket_sum_of_squares(b, norm_dtype, _on(grad_scale, b.device))
-                bad = bad.to(norm_device, non_blocking=True)
-                nonfinite = bad if nonfinite is None else nonfinite | bad
+        if hidden is not None:
+            grad_scale = self._overlap.grad_scale  # what the hidden passes divided by
+        coef_old = {gi: plan.zero if c is None else c.to(norm_device, non_blocking=True)
+                    for gi, c in plan.coefs.items()}
+
+        # 1. the read-only passes (or what backward computed): partial sums, non-finite flags
+        total, nonfinite, grads_of, stashed = None, None, [], []
+        for b in plan.buckets:
+            ready = None if hidden is None else hidden.get((b.group_index, b.device, b.dtype))
+            if ready is not None:
+                grads, partials, was_stashed = ready
             else:
-                sq = self._update_bucket(b, coef, norm_dtype, _on(grad_scale, b.device),
-                                         _on(found_inf, b.device))
+                was_stashed = False
+                grads = b.grads()
+                if not b.checked_grads:
+                    self._check_layouts(where, b, grads)
+                self._check_params(where, b)
+                partials = b.partials_pass(b.params, grads, *b.columns, hyper=b.hyper, norm_dtype=norm_dtype,
+                                           grad_scale=_on(grad_scale, b.device), **self._adaptive(b, coef_old))
+            grads_of.append(grads)
+            stashed.append(was_stashed)
+            sq, bad = b.backend.sum_segment_partials(partials, norm_dtype)
+            bad = bad.to(norm_device, non_blocking=True)
+            nonfinite = bad if nonfinite is None else nonfinite | bad
             if perturbs(b.group):
-                if b.norm_weight != 1.0:
-                    sq = sq * b.norm_weight
-                total = total + sq.to(norm_device, non_blocking=True)
+                sq = (sq * b.norm_weight if b.norm_weight != 1.0 else sq).to(norm_device, non_blocking=True)
+                total = sq if total is None else total + sq
+        if total is None:  # no group is perturbed
+            total = torch.zeros((), dtype=norm_dtype, device=norm_device)
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
-        if nonfinite is not None and found_inf is None and self.nonfinite == "skip":
-            found_inf = nonfinite if self._sharding is None else self._sharding.any(nonfinite)
+        found_inf = self._skip_flag(where, plan, grads_of, nonfinite, scaler_found_inf)
 
+        # 2. the coefficients
         norm_backend = self._backends[norm_device]
         coef_new = {}
-        for b in buckets:
-            key = id(b.group)
-            if key not in coef_new:
-                # an unperturbed group keeps c = 0, as the (skipped or not) step leaves it
-                rho = b.group["rho"] if perturbs(b.group) else 0.0
-                coef_new[key] = norm_backend.perturbation_coef(total, rho, coef_old[key], found_inf)
-        for b in buckets:
-            coef = coef_new[id(b.group)].to(b.device, non_blocking=True)
-            old = coef_old[id(b.group)].to(b.device, non_blocking=True)
-            if b.stashed:
-                overlapped.finish(b, old, coef, _on(found_inf, b.device))
-            elif one_pass or b.hidden is not None:
-                self._step_bucket(b, old, coef, _on(grad_scale, b.device), _on(found_inf, b.device))
-            # p = w - 0 * x is p = w, which the first pass left there unless w is a master copy
-            elif perturbs(b.group) or any(m is not None for m in b.column("master_weight")):
-                b.backend.apply_perturbation_(b.params, b.column(self.direction_key),
-                                              b.column("master_weight"), coef=coef,
-                                              found_inf=_on(found_inf, b.device),
-                                              **b.adaptive_kwargs())
-        # Only now, with every bucket stepped, may the old coefficients be overwritten.
-        remembered = {}
-        for b in buckets:
-            key = (id(b.group), b.device)
-            if key not in remembered:
-                remembered[key] = _remember(stored_coef[id(b.group)],
-                                            coef_new[id(b.group)].to(b.device, non_blocking=True))
-            for state in b.states:
-                state["perturbation_coef"] = remembered[key]
+        for b in plan.buckets:
+            if b.group_index not in coef_new:
+                rho = self.hyper(b.group, norm_device)[-1]
+                coef_new[b.group_index] = norm_backend.perturbation_coef(total, rho, coef_old[b.group_index],
+                                                                         found_inf)
+        # 3. the write passes
+        for b, grads, was_stashed in zip(plan.buckets, grads_of, stashed):
+            new = coef_new[b.group_index].to(b.device, non_blocking=True)
+            old = coef_old[b.group_index].to(b.device, non_blocking=True)
+            skip = _on(found_inf, b.device)
+            if was_stashed:
+                b.backend.msam_sgd_overlap_finish_(b.params, grads, b.columns[0], hyper=b.hyper,
+                                                   coef_old=old, coef_new=new, found_inf=skip)
+            else:
+                b.write_pass(b.params, grads, *b.columns, hyper=b.hyper, coef_old=old, coef_new=new,
+                             grad_scale=_on(grad_scale, b.device), found_inf=skip, **b.adaptive)
+        self._remember_coefs(plan, coef_new)
         self._count_skipped(found_inf)
-        if overlapped is not None:
-            overlapped.release()
+        if hidden is not None:
+            self._overlap.release()
         return loss
+
+    def _adaptive(self, b: PlannedBucket, coef_old: dict) -> dict:
+        """The read-only pass's extra arguments for an adaptive group (it needs ``w``)."""
+        if not b.adaptive:
+            return b.adaptive
+        return {**b.adaptive, "coef_old": coef_old[b.group_index].to(b.device, non_blocking=True)}
+
+    def _check_layouts(self, where: str, b: PlannedBucket, grads: list) -> None:
+        for i, p, g in zip(b.indices, b.sources, grads):
+            if g is not None and g.layout != torch.strided:
+                self.check_param(where, b.group_index, i, p)
+        b.checked_grads = True
+
+    def _skip_flag(self, where: str, plan: StepPlan, grads_of: list, nonfinite: Tensor,
+                   scaler_found_inf: Optional[Tensor]) -> Optional[Tensor]:
+        """The device flag that makes the step a no-op (None: nothing to skip): the
+        GradScaler's, else the passes' non-finite markers; ``nonfinite="raise"`` reads them on
+        the host and raises, naming the tensors, before anything is written."""
+        ranks = self._sharding
+        if scaler_found_inf is not None:
+            return scaler_found_inf if ranks is None else ranks.any(scaler_found_inf)
+        flag = nonfinite if ranks is None else ranks.any(nonfinite)
+        if self.nonfinite == "skip":
+            return flag
+        if bool(flag):
+            if self._overlap is not None and self._overlap.pending:
+                groups = self._overlap.nonfinite_groups()
+                self._overlap.discard()
+                raise FloatingPointError(
+                    f"{where}: non-finite gradient (inf or NaN) in param group(s) {groups}; the update "
+                    "the backward pass started was undone and nothing was changed (nonfinite='skip' "
+                    "would skip the step instead)")
+            raise_nonfinite(where, [(g, ParamPlace(b.group, b.group_index, i, p))
+                                    for b, grads in zip(plan.buckets, grads_of)
+                                    for i, p, g in zip(b.indices, b.sources, grads) if g is not None])
+        return None
+
+    def _remember_coefs(self, plan: StepPlan, coef_new: dict) -> None:
+        """Only now, with every bucket stepped, may the old coefficients be overwritten: in
+        place where possible, so that a step captured in a CUDA graph reads the current value
+        on replay; all states of a bucket hold one tensor."""
+        for b in plan.buckets:
+            coef = _remember(b.states[0]["perturbation_coef"], coef_new[b.group_index].to(b.device, non_blocking=True))
+            if not b.coef_shared or coef is not b.states[0]["perturbation_coef"]:
+                for state in b.states:
+                    state["perturbation_coef"] = coef
+                b.coef_shared = True
+            if plan.coefs[b.group_index] is None:
+                plan.coefs[b.group_index] = coef
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``; after a backward that ran the overlapped first
@@ -361,88 +602,47 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             self._overlap.discard()
         super().zero_grad(set_to_none)
 
+    # -------------------------------------------------------- the overlapped step's handle
+    def attach_overlap(self, handle) -> None:
+        """Called by :class:`msam_fused.overlap.OverlappedBackward`: ``step()`` takes what its
+        backward prepared (``handle.take``), ``zero_grad()`` discards it."""
+        if self._overlap is not None:
+            raise RuntimeError(f"{type(self).__name__}.overlap_backward: this optimizer already overlaps "
+                               "its step with backward; call remove() on the handle overlap_backward() "
+                               "returned first")
+        self._overlap = handle
+
+    def detach_overlap(self, handle) -> None:
+        if self._overlap is handle:
+            self._overlap = None
+
+    @property
+    def overlap_handle(self):
+        """The attached :class:`msam_fused.overlap.OverlappedBackward`, or None."""
+        return self._overlap
+
+    @property
+    def is_sharded(self) -> bool:
+        return self._sharding is not None
+
+    @property
+    def in_unperturbed(self) -> bool:
+        """Inside :meth:`unperturbed` (the parameters hold the true weights)."""
+        return self._unperturbed_depth > 0
+
     def _check_no_overlapped_update(self, where: str) -> None:
         """Between a backward that ran the overlapped first pass and step(), the momenta hold
         the new momenta already: nothing may read or replace the state then."""
         if getattr(self, "_overlap", None) is not None:
             self._overlap.check_idle(where)
 
-    def _group_coef(self, group: dict) -> Optional[Tensor]:
-        """The coefficient last applied to this group (None before its first step)."""
-        for p in group["params"]:
-            state = self.state.get(p)
-            if state:
-                return state["perturbation_coef"]
-        return None
-
-    def _collect_buckets(self, where: str) -> tuple[list[Bucket], list]:
-        """Validate every parameter, create missing state, and group tensors into buckets.
-
-        Everything is checked before anything is written, so a bad parameter changes nothing.
-        """
-        for gi, group in enumerate(self.param_groups):
-            self.check_group(f"{where}: param group {gi}", group)
-            self._check_perturbation_options(f"{where}: param group {gi}", group)
-            for i, p in enumerate(group["params"]):
-                place = ParamPlace(group, gi, i, p)
-                check_param_for_step(where, place, p, self._layouts[id(p)])
-                if self._sharding is not None:
-                    sharding.check_grad(where, str(place), p)
-        buckets: dict[tuple, Bucket] = {}
-        grads_at = []  # (gradient, where it is): described only if a message needs it
-        sharded = self._sharding is not None
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                state = self.state.get(p)
-                if p.grad is None and not state:
-                    continue  # never had a gradient: no state, no perturbation
-                if not state:
-                    state = self.state[p] = self._init_state(p, group)
-                weight = self._sharding.weight(p) if sharded else 1.0
-                key = (gi, p.device, p.dtype, weight)
-                if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._bucket_backend(group, p.device),
-                                          norm_weight=weight, sharded=sharded)
-                b = buckets[key]
-                grad = sharding.local(p.grad) if sharded else p.grad
-                b.params.append(sharding.local(p) if sharded else p)
-                b.grads.append(grad)
-                b.states.append(state)
-                if grad is not None:
-                    grads_at.append((grad, ParamPlace(group, gi, i, p)))
-        return list(buckets.values()), grads_at
-
-    def _runs_one_pass(self, bucket: Bucket) -> bool:
-        """The bucket's backend has the one-pass step and the group needs nothing it lacks."""
-        return not is_adaptive(bucket.group) and all(
-            hasattr(bucket.backend, f) for f in self.one_pass_functions)
-
-    def _check_perturbation_options(self, where: str, group: dict) -> None:
-        """The group's backend can run its options, and ``adaptive`` is what its state was
-        built for (the stored perturbation exists exactly for adaptive groups)."""
-        for device in {p.device for p in group["params"]}:
-            self._bucket_backend(group, device)
-        state = next((self.state[p] for p in group["params"] if self.state.get(p)), None)
-        if state is not None and (PERTURBATION_KEY in state) != is_adaptive(group):
-            raise ValueError(f"{where}: adaptive={is_adaptive(group)}, but the group was stepped with "
-                             f"adaptive={not is_adaptive(group)}; adaptive cannot change once a "
-                             "group has optimizer state")
-
     # ----------------------------------------------------------------- true weights access
-    def _perturbed_buckets(self) -> list[Bucket]:
-        buckets: dict[tuple, Bucket] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                key = (gi, p.device, p.dtype)
-                if key not in buckets:
-                    buckets[key] = Bucket(group, p.device, backend=self._bucket_backend(group, p.device),
-                                          sharded=self._sharding is not None)
-                buckets[key].params.append(sharding.local(p))
-                buckets[key].states.append(state)
-        return list(buckets.values())
+    def layout(self, with_state_only: bool = False) -> list[Bucket]:
+        """Every parameter (or every one with state), bucketed as a step buckets them; the
+        overlapped step plans its passes on these."""
+        entries = [(gi, i, g, p, self.state.get(p)) for gi, g in enumerate(self.param_groups)
+                   for i, p in enumerate(g["params"]) if self.state.get(p) or not with_state_only]
+        return self._make_buckets(type(self).__name__, entries)
 
     @contextmanager
     def unperturbed(self) -> Iterator[None]:
@@ -459,7 +659,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
         where = f"{type(self).__name__}.unperturbed"
         self._check_no_overlapped_update(where)
         self._check_loaded_weights(where)
-        buckets = self._perturbed_buckets()
+        buckets = self.layout(with_state_only=True)
         with checkpoints.holding_true_weights(buckets, self.direction_key) as saved:
             self._unperturbed_depth = 1
             self._true_weights_held = list(zip(buckets, saved))
@@ -532,6 +732,8 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             checkpoints.check_fingerprint(where, fingerprint, len(self.param_groups))
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
+        self._plan_epoch += 1
+        self._hypers.clear()  # torch replaced the group dicts
         # torch casts every floating state tensor to the parameter's dtype (our state keeps
         # fp32 for low-precision parameters and the coefficient in the norm dtype) and may
         # alias the given tensors (so two optimizers would share state): copy instead.
@@ -573,7 +775,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
             raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, "
                              f"this optimizer has {len(self.param_groups)}")
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            missing = [k for k in self.hyperparameter_keys if k not in saved]
+            missing = [k for k in self.algorithm.group_keys if k not in saved]
             if missing:
                 raise ValueError(f"{where}: param group {gi} of the state dict has no {missing}: it "
                                  f"was not saved by msam_fused.{type(self).__name__} (nor by "
@@ -608,7 +810,7 @@ class MomentumAscentOptimizer(backends.PerDeviceBackends, SkippedStepCount, Opti
 
 def _remember(previous: Optional[Tensor], coef: Tensor) -> Tensor:
     """The tensor that keeps the applied coefficient: the previous step's, overwritten in place
-    where possible, so that a step captured in a CUDA graph reads the current value on replay."""
+    where possible."""
     if previous is None or previous.device != coef.device or previous.dtype != coef.dtype:
         return coef
     return previous.copy_(coef)

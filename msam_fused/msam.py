@@ -1,15 +1,21 @@
-"""MSAM: SGD with momentum, evaluated at the point the momentum says is uphill (SPEC §1)."""
+"""MSAM: SGD with momentum, evaluated at the point the momentum says is uphill (docs/design.md)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch import Tensor
 
-from msam_fused.momentum_ascent import Bucket, MomentumAscentOptimizer
+from msam_fused import reference
+from msam_fused.momentum_ascent import Algorithm, MomentumAscentOptimizer
 from msam_fused.overlap import DEFAULT_BUCKET_CAP_MB, OverlappedBackward
-from msam_fused.validation import check_number
+from msam_fused.validation import check_hyperparameter
+
+#: MSAM-SGD's part of the step (see msam_fused/momentum_ascent.py)
+MSAM_SGD = Algorithm(
+    direction_key="momentum_buffer", state_keys=("momentum_buffer",), counter_keys=frozenset(),
+    hyper_sources=tuple((key, None) for key in reference.MSAM_SGD_HYPER),
+    partials="msam_sgd_partials", step="msam_sgd_step_")
 
 
 class MSAM(MomentumAscentOptimizer):
@@ -24,7 +30,7 @@ class MSAM(MomentumAscentOptimizer):
         p = p + c_old * v                 # back to the true weights w
         v = momentum * v + d
         p = p - lr * v
-        c_new = rho / (||v|| + 1e-12)     # one global norm; per-group rho
+        c_new = rho / (||v|| + EPS_NORM) # one global norm; per-group rho; EPS_NORM = 1e-12
         p = p - c_new * v                 # the new perturbation; c_new is remembered
 
     Evaluate or export under :meth:`unperturbed` (or :meth:`unperturbed_state_dict`).
@@ -53,10 +59,8 @@ class MSAM(MomentumAscentOptimizer):
     keeps holding ``w - c * v``; parameters that never had a gradient are never touched.
     """
 
-    hyperparameter_keys = ("lr", "momentum", "weight_decay", "rho")
+    algorithm = MSAM_SGD
     torch_counterpart = "torch.optim.SGD"
-    direction_key = "momentum_buffer"
-    one_pass_functions = ("msam_sgd_sum_of_squares", "msam_sgd_step_")
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  rho: float = 0.3, *, adaptive: bool = False, nesterov: bool = False,
@@ -70,8 +74,8 @@ class MSAM(MomentumAscentOptimizer):
     @classmethod
     def check_hyperparameters(cls, where: str, group: dict) -> None:
         for key in ("lr", "weight_decay", "rho"):
-            check_number(where, key, group[key])
-        check_number(where, "momentum", group["momentum"], high=1.0)
+            check_hyperparameter(where, key, group[key])
+        check_hyperparameter(where, "momentum", group["momentum"], high=1.0)
         if group.get("nesterov", False):
             raise ValueError(f"{where}: nesterov=True is not part of MSAM (the perturbation is "
                              "along the plain momentum); use nesterov=False")
@@ -98,32 +102,3 @@ class MSAM(MomentumAscentOptimizer):
         handle; ``handle.remove()`` goes back to the plain step. See docs/overlap.md.
         """
         return OverlappedBackward(self, model, scaler=scaler, bucket_cap_mb=bucket_cap_mb)
-
-    def _state_spec(self, p: Tensor) -> dict[str, tuple]:
-        return {"momentum_buffer": (p.shape, self._state_dtype(p)), **self._common_state_spec(p)}
-
-    def _update_bucket(self, bucket: Bucket, coef: Tensor, norm_dtype: torch.dtype,
-                       grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
-        g = bucket.group
-        return bucket.backend.msam_sgd_update_(
-            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
-            bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
-            momentum=g["momentum"], coef=coef, norm_dtype=norm_dtype, grad_scale=grad_scale,
-            found_inf=found_inf, **bucket.adaptive_kwargs())
-
-    def _bucket_sum_of_squares(self, bucket: Bucket, norm_dtype: torch.dtype,
-                               grad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        g = bucket.group
-        return bucket.backend.msam_sgd_sum_of_squares(
-            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
-            weight_decay=g["weight_decay"], momentum=g["momentum"], norm_dtype=norm_dtype,
-            grad_scale=grad_scale)
-
-    def _step_bucket(self, bucket: Bucket, coef_old: Tensor, coef_new: Tensor,
-                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        g = bucket.group
-        bucket.backend.msam_sgd_step_(
-            bucket.params, bucket.grads, bucket.column("momentum_buffer"),
-            bucket.column("master_weight"), lr=g["lr"], weight_decay=g["weight_decay"],
-            momentum=g["momentum"], coef_old=coef_old, coef_new=coef_new, grad_scale=grad_scale,
-            found_inf=found_inf)

@@ -53,14 +53,19 @@ def step_skip_flag(policy: str, where: str, grads: Sequence[Tensor], labels: Seq
         flag = all_ranks.any(flag)
     if policy == "raise":
         if bool(flag):
-            bad = [str(label) for g, label in zip(grads, labels) if not bool(torch.isfinite(g).all())]
-            raise FloatingPointError(
-                f"{where}: non-finite gradient (inf or NaN) in "
-                f"{', '.join(bad[:5]) or 'the gradients of another rank'}"
-                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-                + "; nothing was changed (nonfinite='skip' would skip the step instead)")
+            raise_nonfinite(where, list(zip(grads, labels)))
         return None
     return flag
+
+
+def raise_nonfinite(where: str, labelled: Sequence[tuple]) -> None:
+    """Raise for a step whose (gradient, label) pairs hold an inf or NaN, naming them."""
+    bad = [str(label) for g, label in labelled if not bool(torch.isfinite(g).all())]
+    raise FloatingPointError(
+        f"{where}: non-finite gradient (inf or NaN) in "
+        f"{', '.join(bad[:5]) or 'the gradients of another rank'}"
+        + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        + "; nothing was changed (nonfinite='skip' would skip the step instead)")
 
 
 class SkippedStepCount:
@@ -72,11 +77,10 @@ class SkippedStepCount:
     def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
         if found_inf is None:
             return
-        skipped = (found_inf != 0).to(torch.int64)
         if self._skipped_steps is None:
-            self._skipped_steps = skipped
+            self._skipped_steps = (found_inf != 0).to(torch.int64)
         else:
-            self._skipped_steps.add_(skipped.to(self._skipped_steps.device))
+            self._skipped_steps.add_((found_inf != 0).to(self._skipped_steps.device))
 
     @property
     def skipped_steps(self) -> int:

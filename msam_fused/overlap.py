@@ -2,21 +2,33 @@
 
 The plain step (``momentum_ascent.py``) cannot start before backward ends: the new
 perturbation needs the global norm of the new momentum ``v' = mu v + g + wd p``, which needs
-every gradient, so it reads ``p, g, v`` twice (8 passes over memory against 5 for fused SGD).
-Here the first pass runs *during* backward, on groups of parameters (chunks, ~``bucket_cap_mb``
+every gradient, so its read-only pass reads ``p, g, v`` before the write pass reads them again.
+Here the read-only pass runs *during* backward, on groups of parameters (chunks, ~``bucket_cap_mb``
 each, taken in reverse order like DDP's buckets) as soon as all their gradients are ready
 (``register_post_accumulate_grad_hook``; under DDP in its communication hook, after the
 all-reduce). After backward only ``perturbation_coef`` and one pass per bucket remain:
 
-* float32/float64 parameters (``*_overlap_stash_``): the hidden pass writes ``v = v'`` and moves
-  the old momentum into the gradient's memory (the gradient is consumed); the exposed pass
-  reads ``p, v', v_old`` and writes ``p``: 4 passes. A skipped step puts ``v_old`` back.
-* bf16/fp16 parameters (fp32 momenta, which their gradients cannot hold): the hidden pass only
-  reads (``*_overlap_norm``) and the exposed pass is the plain one-pass step: 5 passes.
+* float32/float64 parameters on a backend with the ``"stash"`` capability
+  (``msam_sgd_overlap_stash_``): the hidden pass writes ``v = v'`` and moves the old momentum
+  into the gradient's memory (the gradient is consumed); the exposed pass
+  (``msam_sgd_overlap_finish_``) reads ``p, v', v_old`` and writes ``p``: 4 passes. A skipped
+  step puts ``v_old`` back.
+* otherwise (bf16/fp16 parameters have fp32 momenta, which their gradients cannot hold): the
+  hidden pass is the plain read-only pass (``msam_sgd_partials``) and the exposed pass the plain
+  write pass: 5 passes.
 
-Every hidden pass returns per-segment partial sums; they are put where the plain step's pass
-would have summed them, and ``sum_segment_partials`` adds them in its order with its
-arithmetic, so the norm, and the whole trajectory, is bit for bit that of the plain step.
+Every hidden pass returns per-segment partial sums; they are concatenated in tensor order and
+handed to step(), which folds them with ``sum_segment_partials`` as it folds its own pass's,
+so the norm, and the whole trajectory, is bit for bit that of the plain step.
+
+The optimizer is reached only through its public interface (``param_groups``, ``state``,
+``layout``, ``hyper``, ``refresh_hypers``, ``norm_dtype``, ``ensure_state``, ``check_param``,
+``attach_overlap`` / ``detach_overlap`` / ``overlap_handle``, ``in_unperturbed``,
+``is_sharded``).
+A GradScaler is used through ``scale()`` (its current scale as a device tensor, without the
+host read of ``get_scale()``), except for one unavoidable private write: the end of backward
+records the unscale in ``_per_optimizer_states`` the way ``GradScaler.unscale_`` does (which
+cannot run on consumed gradients), so that ``scaler.step`` and ``scaler.update`` work unchanged.
 
 Between backward and ``step()`` each consumed ``p.grad`` is a :class:`ConsumedGradient`, which
 raises when anything uses it (clipping, logging, a GradScaler's unscale, a second backward);
@@ -25,6 +37,7 @@ raises when anything uses it (clipping, logging, a GradScaler's unscale, a secon
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from contextlib import contextmanager
@@ -34,11 +47,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from msam_fused.momentum_ascent import Bucket
-from msam_fused.validation import ParamPlace, check_param_for_step
+from msam_fused import backends
 
-HIDDEN_FUNCTIONS = ("segment_count", "msam_sgd_overlap_norm", "msam_sgd_overlap_stash_",
-                    "msam_sgd_overlap_finish_", "sum_segment_partials")
 STASH_DTYPES = (torch.float32, torch.float64)
 DEFAULT_BUCKET_CAP_MB = 25.0
 
@@ -86,8 +96,9 @@ class _Bucket:
     key: tuple  # (group index, device, dtype), the plain step's bucket key
     group: dict
     params: list
+    group_indices: list  # where each parameter is in its group (for messages)
     backend: Any
-    stashes: bool  # the hidden pass writes (float32/float64 parameters)
+    stashes: bool  # the hidden pass writes (float32/float64 parameters, "stash" backends)
     starts: list   # where row r's partial sums begin when every row takes part
     counts: list
     # This backward's pass:
@@ -96,7 +107,7 @@ class _Bucket:
     done: list = field(default_factory=list)
     hypers: Optional[tuple] = None  # (momentum, weight_decay) the hidden pass used
     sums: Optional[tuple] = None    # (sum of squares, non-finite flag)
-    plain: Any = None               # the plain step's Bucket, ready at the end of backward
+    ready: Optional[tuple] = None   # (grads or stashes, partials, stashed) of the present rows
     indices: dict = field(default_factory=dict)  # segment_rows' index tensors
 
     def reset(self) -> None:
@@ -105,7 +116,7 @@ class _Bucket:
         self.partials = torch.zeros((total, 2), dtype=torch.float64, device=device)
         self.grads = [None] * len(self.params)
         self.done = [False] * len(self.params)
-        self.hypers = self.sums = self.plain = None
+        self.hypers = self.sums = self.ready = None
 
     def segment_rows(self, rows: list) -> Tensor | slice:
         """Where the partial sums of ``rows`` (ascending) go in ``partials``: a slice, or an
@@ -139,7 +150,7 @@ class OverlappedBackward:
         self.optimizer = optimizer
         self.scaler = scaler
         self._ddp = _check_setup(where, optimizer, model, scaler, bucket_cap_mb)
-        self._buckets = self._plan_buckets(where)
+        self._buckets = self._plan_buckets()
         self._row_of = {id(p): (b, r) for b in self._buckets.values() for r, p in enumerate(b.params)}
         self._chunks = {} if self._ddp is not None else _chunks(self._buckets, bucket_cap_mb)
         self._lock = threading.Lock()
@@ -150,13 +161,13 @@ class OverlappedBackward:
         self._grad_scale: Optional[Tensor] = None
         self._placeholders: dict[int, ConsumedGradient] = {}
         self._flag: Optional[Tensor] = None  # any gradient inf/NaN: set at the end of backward
-        self._norm_dtype = optimizer._norm_dtype()
+        self._norm_dtype = optimizer.norm_dtype()
         self._requeued = False
+        optimizer.attach_overlap(self)
         self._handles = [p.register_post_accumulate_grad_hook(self._on_gradient)
                          for b in self._buckets.values() for p in b.params if p.requires_grad]
         if self._ddp is not None:
             self._ddp.register_comm_hook(self._ddp.process_group, self._comm_hook)
-        optimizer._overlap = self
 
     # ---------------------------------------------------------------------------- public
     def remove(self) -> None:
@@ -168,8 +179,7 @@ class OverlappedBackward:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.optimizer._overlap is self:
-            self.optimizer._overlap = None
+        self.optimizer.detach_overlap(self)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -191,9 +201,11 @@ class OverlappedBackward:
         if self._phase != "idle":
             raise RuntimeError(f"{where}: {PENDING}")
 
-    def take(self, where: str) -> Optional["OverlappedBackward"]:
-        """For step(): this handle if a finished backward left an update to complete, None if
-        no backward ran since the last step (a plain step then runs)."""
+    def take(self, where: str) -> Optional[dict]:
+        """For step(): what a finished backward prepared, per plain-step bucket key
+        ``(group index, device, dtype)``: ``(grads, partials, stashed)`` of the rows the plain
+        step takes (with ``stashed``, ``grads`` are the old momenta). None if no backward ran
+        since the last step (a plain step then runs)."""
         if self._phase == "idle":
             return None
         if self._phase == "running":
@@ -207,44 +219,16 @@ class OverlappedBackward:
                     f"step() (from {b.hypers} to {_hypers(b.group)}), but the overlapped update used them "
                     "during backward; change them before backward (e.g. step schedulers after "
                     "opt.step()). This step's gradients were discarded; nothing was changed")
-        return self
-
-    def buckets(self, where: str) -> list:
-        """The plain step's buckets (the same parameters, in the same order) with what backward
-        prepared: the gradients (or stashes) to read, and each bucket's sum of squares and
-        non-finite flag. The parameters were checked when their pass ran."""
-        out = [b.plain for b in self._buckets.values() if b.plain is not None]
-        for b in out:
-            self.optimizer.check_group(where, b.group)  # lr and rho are read from here on
-        return out
+        return {key: b.ready for key, b in self._buckets.items() if b.ready is not None}
 
     @property
     def grad_scale(self) -> Optional[Tensor]:
+        """What the hidden passes divided the gradients by (a GradScaler's scale), or None."""
         return self._grad_scale
 
-    def skip_flag(self, policy: str, where: str, scaler_found_inf: Optional[Tensor],
-                  device: torch.device) -> Optional[Tensor]:
-        """The step's found_inf: the GradScaler's, else (``nonfinite="skip"``) the flag of the
-        hidden passes; with ``"raise"`` it is read here, and the update undone before raising."""
-        if scaler_found_inf is not None:
-            return scaler_found_inf
-        flag = self._flag.to(device, non_blocking=True)
-        if policy == "skip":
-            return flag
-        if bool(flag):
-            groups = sorted({b.key[0] for b in self._buckets.values() if b.sums and bool(b.sums[1])})
-            self.discard()
-            raise FloatingPointError(
-                f"{where}: non-finite gradient (inf or NaN) in param group(s) {groups}; the update "
-                "the backward pass started was undone and nothing was changed (nonfinite='skip' "
-                "would skip the step instead)")
-        return None
-
-    def finish(self, pb, coef_old: Tensor, coef_new: Tensor, found_inf: Optional[Tensor]) -> None:
-        """The exposed pass of a bucket whose hidden pass stashed: p from p, v' and v_old."""
-        pb.backend.msam_sgd_overlap_finish_(pb.params, pb.grads, pb.column("momentum_buffer"),
-                                            lr=pb.group["lr"], coef_old=coef_old, coef_new=coef_new,
-                                            found_inf=found_inf)
+    def nonfinite_groups(self) -> list:
+        """The param groups whose gradients held inf/NaN in the last backward (reads the device)."""
+        return sorted({b.key[0] for b in self._buckets.values() if b.sums and bool(b.sums[1])})
 
     def release(self) -> None:
         """After the step: the consumed gradients are gone (``p.grad`` None)."""
@@ -258,21 +242,15 @@ class OverlappedBackward:
             self._discard()
 
     # ------------------------------------------------------------------------ the layout
-    def _plan_buckets(self, where: str) -> dict:
-        opt = self.optimizer
+    def _plan_buckets(self) -> dict:
         buckets: dict[tuple, _Bucket] = {}
-        for gi, group in enumerate(opt.param_groups):
-            for p in group["params"]:
-                key = (gi, p.device, p.dtype)
-                if key not in buckets:
-                    backend = opt._bucket_backend(group, p.device)
-                    stashes = p.dtype in STASH_DTYPES
-                    _check_backend(where, backend, stashes, opt.one_pass_functions)
-                    buckets[key] = _Bucket(key, group, [], backend, stashes, [], [])
-                b = buckets[key]
-                b.starts.append(b.starts[-1] + b.counts[-1] if b.params else 0)
-                b.counts.append(b.backend.segment_count(p.numel(), p.device))
-                b.params.append(p)
+        for plain in self.optimizer.layout():
+            stashes = plain.dtype in STASH_DTYPES and backends.STASH in plain.backend.capabilities
+            counts = [plain.backend.segment_count(p.numel(), p.device) for p in plain.sources]
+            starts = [0, *itertools.accumulate(counts)][:-1]
+            key = (plain.group_index, plain.device, plain.dtype)
+            buckets[key] = _Bucket(key, plain.group, plain.sources, plain.indices, plain.backend, stashes,
+                                   starts, counts)
         return buckets
 
     def _present_rows(self, b: _Bucket) -> list:
@@ -282,7 +260,7 @@ class OverlappedBackward:
     # ------------------------------------------------------------------- during backward
     def _on_gradient(self, p: Tensor) -> None:
         """Post-accumulate-grad hook: runs a chunk's pass once all its gradients are in."""
-        if self._paused or self.optimizer._unperturbed_depth:
+        if self._paused or self.optimizer.in_unperturbed:
             return
         task = torch._C._current_graph_task_id()
         if task == self._skipped_task:
@@ -310,9 +288,13 @@ class OverlappedBackward:
             b.reset()
         for chunk in self._chunks.values():
             chunk.waiting = len(chunk.rows)
-        scale = self.scaler._scale if self.scaler is not None and self.scaler.is_enabled() else None
-        self._grad_scale = scale
-        self._norm_dtype = self.optimizer._norm_dtype()
+        self._grad_scale = None
+        if self.scaler is not None and self.scaler.is_enabled():
+            # the scale as a device tensor (1 * scale, exact); get_scale() would read it on the host
+            device = next(iter(self._buckets.values())).params[0].device
+            self._grad_scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+        self._norm_dtype = self.optimizer.norm_dtype()
+        self.optimizer.refresh_hypers(f"{type(self.optimizer).__name__} (overlapped step, during backward)")
         # Runs after every hook and after DDP's own end-of-backward callback (see _end).
         torch.autograd.Variable._execution_engine.queue_callback(self._end)
 
@@ -324,7 +306,7 @@ class OverlappedBackward:
         buffer = bucket.buffer()
         buffer.mul_(1.0 / dist.get_world_size(process_group))
         reduced = dist.all_reduce(buffer, group=process_group, async_op=True).get_future()
-        if self._phase != "running" or self.optimizer._overlap is not self:
+        if self._phase != "running" or self.optimizer.overlap_handle is not self:
             return reduced.then(lambda fut: fut.value()[0])  # removed, paused, or under no_sync
         return reduced.then(lambda fut: self._after_all_reduce(bucket, fut.value()[0]))
 
@@ -340,51 +322,42 @@ class OverlappedBackward:
                 self._run_pass(self._buckets[key], [r for r, _ in pairs], [g for _, g in pairs])
         return buffer
 
+    @torch.no_grad()  # DDP's communication hook runs with grad mode on
     def _run_pass(self, b: _Bucket, rows: list, grads: list) -> None:
         """The hidden pass over some rows of a bucket; a row without a gradient only adds its
         momentum to the norm. Checks everything first, so a bad gradient changes nothing."""
         opt = self.optimizer
         where = f"{type(opt).__name__} (overlapped step, during backward)"
-        gi = b.key[0]
-        opt.check_group(f"{where}: param group {gi}", b.group)
         for r in rows:
-            p = b.params[r]
-            check_param_for_step(where, ParamPlace(b.group, gi, r, p), p, opt._layouts[id(p)])
+            opt.check_param(where, b.key[0], b.group_indices[r], b.params[r])
         if b.hypers is None:
             b.hypers = _hypers(b.group)
         with_grad = [(r, g) for r, g in zip(rows, grads) if g is not None]
         without = [r for r, g in zip(rows, grads) if g is None and opt.state.get(b.params[r])]
         for r, _ in with_grad:
-            self._ensure_state(b, r)
-        common = dict(weight_decay=b.hypers[1], momentum=b.hypers[0], norm_dtype=self._norm_dtype,
+            opt.ensure_state(b.params[r], b.group)
+        device = b.params[0].device
+        common = dict(hyper=opt.hyper(b.group, device), norm_dtype=self._norm_dtype,
                       grad_scale=None if self._grad_scale is None
-                      else self._grad_scale.to(b.params[0].device, non_blocking=True))
+                      else self._grad_scale.to(device, non_blocking=True))
         if with_grad:
             idx = [r for r, _ in with_grad]
             params, gs = [b.params[r] for r in idx], [g for _, g in with_grad]
             momenta = [opt.state[p]["momentum_buffer"] for p in params]
-            pass_fn = b.backend.msam_sgd_overlap_stash_ if b.stashes else b.backend.msam_sgd_overlap_norm
-            b.partials[b.segment_rows(idx)] = pass_fn(params, gs, momenta, **common)
+            if b.stashes:
+                partials = b.backend.msam_sgd_overlap_stash_(params, gs, momenta, **common)
+            else:
+                partials = b.backend.msam_sgd_partials(params, gs, momenta, _masters(opt, params), **common)
+            b.partials[b.segment_rows(idx)] = partials
             for r, g in with_grad:
                 b.grads[r], b.done[r] = g, True
         if without:
             params = [b.params[r] for r in without]
-            b.partials[b.segment_rows(without)] = b.backend.msam_sgd_overlap_norm(
-                params, [None] * len(params), [opt.state[p]["momentum_buffer"] for p in params], **common)
+            b.partials[b.segment_rows(without)] = b.backend.msam_sgd_partials(
+                params, [None] * len(params), [opt.state[p]["momentum_buffer"] for p in params],
+                _masters(opt, params), **common)
             for r in without:
                 b.done[r] = True
-
-    def _ensure_state(self, b: _Bucket, r: int) -> None:
-        """State for a parameter's first gradient, sharing its group's coefficient tensor (as
-        the plain step leaves it), so that step() reads the coefficient last applied."""
-        opt, p = self.optimizer, b.params[r]
-        if opt.state.get(p):
-            return
-        coef = opt._group_coef(b.group)
-        state = opt._init_state(p, b.group)
-        if coef is not None:
-            state["perturbation_coef"] = coef
-        opt.state[p] = state
 
     def _end(self) -> None:
         """Engine callback at the end of backward: passes for rows whose chunk never completed
@@ -399,7 +372,6 @@ class OverlappedBackward:
         with self._lock:
             if self._phase != "running":
                 return
-            opt = self.optimizer
             flag = None
             for b in self._buckets.values():
                 rows = [r for r in range(len(b.params)) if not b.done[r]]
@@ -413,9 +385,7 @@ class OverlappedBackward:
                     partials = b.partials[b.segment_rows(present)]
                 b.sums = b.backend.sum_segment_partials(partials, self._norm_dtype)
                 flag = b.sums[1] if flag is None else flag | b.sums[1].to(flag.device, non_blocking=True)
-                params = [b.params[r] for r in present]
-                b.plain = Bucket(b.group, b.key[1], params, [b.grads[r] for r in present],
-                                 [opt.state[p] for p in params], b.backend, hidden=b.sums, stashed=b.stashes)
+                b.ready = ([b.grads[r] for r in present], partials, b.stashes)
                 for r in present:
                     if b.grads[r] is not None:
                         b.params[r].grad = self._placeholder(b.params[r])
@@ -449,7 +419,7 @@ class OverlappedBackward:
                 if b.grads[r] is not None:
                     p.grad = None
             b.grads = [None] * len(b.params)
-            b.partials = b.sums = b.plain = None
+            b.partials = b.sums = b.ready = None
 
     def _discard(self) -> None:
         if self._phase == "idle":
@@ -489,23 +459,16 @@ def _chunks(buckets: dict, bucket_cap_mb: float) -> dict:
     return chunk_of
 
 
-def _check_backend(where: str, backend, stashes: bool, one_pass_functions: tuple) -> None:
-    missing = [f for f in HIDDEN_FUNCTIONS if not hasattr(backend, f)]
-    if not stashes:
-        missing += [f for f in one_pass_functions if not hasattr(backend, f)]
-    if missing:
-        raise NotImplementedError(
-            f"{where}: backend '{backend.name}' does not implement the overlapped step "
-            f"({', '.join(missing)})" + ("" if stashes else " for bf16/fp16 parameters")
-            + "; use backend 'cpu' or 'cuda' (or 'reference' for float32/float64), or the plain step")
+def _masters(optimizer, params: list) -> list:
+    return [optimizer.state[p].get("master_weight") for p in params]
 
 
 def _check_setup(where: str, optimizer, model, scaler, bucket_cap_mb) -> Any:
     """Refuse what the overlapped step cannot do exactly; the DDP module, if ``model`` is one."""
-    if getattr(optimizer, "_overlap", None) is not None:
+    if optimizer.overlap_handle is not None:
         raise RuntimeError(f"{where}: this optimizer already overlaps its step with backward; call "
                            "remove() on the handle overlap_backward() returned first")
-    if optimizer._sharding is not None:
+    if optimizer.is_sharded:
         raise NotImplementedError(
             f"{where}: the parameters are DTensor shards (FSDP2); their gradients are reduce-scattered "
             "after the post-accumulate-grad hooks, so the overlapped step does not apply; use the plain step")

@@ -13,6 +13,10 @@ counts whatever the calls count)::
 
 During ``optimizer.step()`` number ``t`` (from 0) the groups hold ``initial_rho * factor(t)``.
 For MSAM that is the radius of the perturbation applied at the end of step ``t``.
+
+A group whose ``rho`` is a 0-d tensor keeps that tensor: it is filled in place (as torch's
+LR schedulers fill a tensor ``lr``), so a step that reads it on the device, or a captured
+CUDA graph of it, follows the schedule.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from msam_fused.validation import check_number
@@ -37,7 +42,8 @@ class RhoScheduler:
                 raise ValueError(f"{where}: param group {i} has no 'rho'; rho schedules drive "
                                  "MSAM, AdamWMSAM, SAM and the msam_fused variants")
             if last_step == -1:
-                group.setdefault("initial_rho", group["rho"])
+                rho = group["rho"]
+                group.setdefault("initial_rho", float(rho) if isinstance(rho, Tensor) else rho)
             elif "initial_rho" not in group:
                 raise ValueError(f"{where}: last_step={last_step} resumes a schedule, but param "
                                  f"group {i} has no 'initial_rho'")
@@ -55,7 +61,10 @@ class RhoScheduler:
         self.last_step += 1
         f = self.factor(self.last_step)
         for group, base in zip(self.optimizer.param_groups, self.base_rhos):
-            group["rho"] = base * f
+            if isinstance(group["rho"], Tensor):
+                group["rho"].fill_(base * f)
+            else:
+                group["rho"] = base * f
 
     def get_last_rho(self) -> list[float]:
         """The rho of each group as last set."""

@@ -8,19 +8,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam_fused import backends
+from msam_fused import backends, reference
 from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
-from msam_fused.nonfinite import SkippedStepCount, step_skip_flag
+from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite, step_skip_flag
 from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
-                                   check_number, describe_param, listed_params, with_plain_params)
+                                   check_hyperparameter, describe_param, listed_params,
+                                   with_plain_params)
 
 
 class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al.) around any ``torch.optim`` optimizer.
 
     Each step takes two forward/backward passes: the gradient ``g1`` at ``w`` gives the ascent
-    ``e = rho * g1 / (||g1|| + 1e-12)`` (adaptive: ``e = rho * w**2 * g1 / || |w| * g1 ||``,
+    ``e = rho * g1 / (||g1|| + EPS_NORM)`` (adaptive: ``e = rho * w**2 * g1 / || |w| * g1 ||``,
     the norm global over all param groups); the gradient ``g2`` at ``w + e`` drives the base
     optimizer's step from ``w``. ``w`` is remembered, not recomputed, so the return is exact.
 
@@ -65,7 +66,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise TypeError("SAM: base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(its arguments go to SAM as keywords), got {base_optimizer!r}")
-        check_number("SAM", "rho", rho)
+        check_hyperparameter("SAM", "rho", rho)
         check_nonfinite_policy("SAM", nonfinite)
         if backend not in backends.BACKEND_NAMES:
             raise ValueError(f"SAM: unknown backend {backend!r}; choose one of "
@@ -199,11 +200,9 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             raise RuntimeError(f"{where}(): no parameter has a gradient (in a group with "
                                "perturb=True); run backward() first")
         norm_device = buckets[0][1]
-        norm_dtype = torch.float64 if any(p.dtype == torch.float64 for b in buckets for p in b[2]) \
-            else torch.float32
-        found_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in labelled],
-                                   [w for _, w in labelled], norm_device, None, all_ranks=all_ranks)
-        ascents = self._ascent_directions(buckets, norm_device, norm_dtype, found_inf)
+        norm_dtype = reference.norm_dtype(p.dtype for b in buckets for p in b[2])
+        total, found_inf = self._ascent_norm(where, buckets, norm_device, norm_dtype, labelled, all_ranks)
+        ascents = self._ascent_directions(buckets, total, found_inf)
         for (group, device, params, _, _), (directions, scale) in zip(buckets, ascents):
             backups = [backup_of(p) for p in params]
             self._backends[device].sam_ascent_(
@@ -212,21 +211,37 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
         return [(device, params) for _, device, params, _, _ in buckets], found_inf
 
-    def _ascent_directions(self, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
-                           found_inf: Optional[Tensor]) -> list[tuple]:
-        """(direction, scale) per bucket, ``e = scale * direction`` (``* w**2`` when adaptive):
-        SAM's ``g`` and ``radius / ||g||`` (the global norm; of ``|w| * g`` when adaptive)."""
+    def _ascent_norm(self, where: str, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
+                     labelled: list, all_ranks) -> tuple[Tensor, Optional[Tensor]]:
+        """The global sum of squares of the ascent terms (``g``, or ``|w| * g`` when adaptive)
+        and the skip flag, from one read-only pass per bucket (its non-finite markers are the
+        check of ``g``); ``nonfinite="raise"`` reads the flag and raises, naming the tensors."""
         total = torch.zeros((), dtype=norm_dtype, device=norm_device)
+        flag = torch.zeros((), dtype=torch.bool, device=norm_device)
         for group, device, params, grads, weight in buckets:
-            sq = self._backends[device].sam_ascent_sum_of_squares(
-                self._locals(params), grads, adaptive=group["adaptive"], norm_dtype=norm_dtype)
+            backend = self._backends[device]
+            partials = backend.sam_ascent_partials(self._locals(params), grads, adaptive=group["adaptive"],
+                                                   norm_dtype=norm_dtype)
+            sq, bad = backend.sum_segment_partials(partials, norm_dtype)
             if weight != 1.0:
                 sq = sq * weight
             total = total + sq.to(norm_device, non_blocking=True)
+            flag = flag | bad.to(norm_device, non_blocking=True)
         if self._sharding is not None:
             total = self._sharding.sum(total)  # the partial sums of all shards: the global norm
-        zero = torch.zeros((), dtype=norm_dtype, device=norm_device)
-        norm_backend = self._backends[norm_device]
+        if all_ranks is not None:
+            flag = all_ranks.any(flag)
+        if self.nonfinite == "skip":
+            return total, flag
+        if bool(flag):
+            raise_nonfinite(where, labelled)
+        return total, None
+
+    def _ascent_directions(self, buckets: list, total: Tensor, found_inf: Optional[Tensor]) -> list[tuple]:
+        """(direction, scale) per bucket, ``e = scale * direction`` (``* w**2`` when adaptive):
+        SAM's ``g`` and ``radius / ||g||`` (``total``: the global sum of squares)."""
+        zero = torch.zeros((), dtype=total.dtype, device=total.device)
+        norm_backend = self._backends[total.device]
         return [(grads, norm_backend.perturbation_coef(total, self._ascent_radius(group), zero, found_inf))
                 for group, _, _, grads, _ in buckets]
 
@@ -349,7 +364,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             if "rho" not in group or "adaptive" not in group:
                 raise ValueError(f"{where}: param group {gi} has no 'rho'/'adaptive': the state "
                                  "dict was not saved by msam_fused.SAM")
-            check_number(f"{where}: saved param group {gi}", "rho", group["rho"])
+            check_hyperparameter(f"{where}: saved param group {gi}", "rho", group["rho"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{where}: the state dict has {len(groups)} param groups, "
                              f"this optimizer has {len(self.param_groups)}")
@@ -380,7 +395,7 @@ def with_copied_state(state_dict: dict) -> dict:
 
 
 def _check_group(where: str, group: dict) -> None:
-    check_number(where, "rho", group["rho"])
+    check_hyperparameter(where, "rho", group["rho"])
     check_flag(where, "adaptive", group["adaptive"])
     check_flag(where, "perturb", group.get("perturb", True))
 

@@ -7,11 +7,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from msam_fused import reference
+
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """The inner product of two lists of tensors, as a 0-d tensor on the first tensor's device:
     float64 when any tensor of ``a`` is float64, else float32 (whatever the storage dtype)."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+    dtype = reference.norm_dtype(t.dtype for t in a)
     device = a[0].device if len(a) else torch.device("cpu")
     total = torch.zeros((), dtype=dtype, device=device)
     for x, y in zip(a, b):

@@ -25,6 +25,18 @@ def check_number(where: str, name: str, value: Any, *, low: float = 0.0, high: f
         raise ValueError(f"{where}: invalid {name}={value!r}: must be {bound}")
 
 
+def check_hyperparameter(where: str, name: str, value: Any, **bounds) -> None:
+    """A per-group scalar of the step: a Python number as for :func:`check_number`, or a 0-d
+    floating-point tensor (which LR and rho schedules may update in place; its value is read
+    on the device only, so it is not range-checked)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a Python float or a 0-d floating-point tensor, "
+                            f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        return
+    check_number(where, name, value, **bounds)
+
+
 def check_flag(where: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be True or False, got {type(value).__name__} {value!r}")
@@ -34,7 +46,7 @@ def check_betas(where: str, betas: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        check_number(where, f"betas[{i}]", beta, low=0.0, high=1.0)
+        check_hyperparameter(where, f"betas[{i}]", beta, low=0.0, high=1.0)
 
 
 def check_nonfinite_policy(where: str, policy: Any) -> None:

@@ -42,3 +42,13 @@ def bucket(shapes, dtype, device, *, seed=0, masters=False, missing=()):
 
 def clone(tensors):
     return [None if t is None else t.clone() for t in tensors]
+
+
+def msam_sgd_hyper(device, lr=0.1, weight_decay=1e-3, momentum=0.9, rho=0.05):
+    """MSAM-SGD's ``hyper`` vector (reference.MSAM_SGD_HYPER order)."""
+    return torch.tensor([lr, weight_decay, momentum, rho], dtype=torch.float64, device=device)
+
+
+def adamw_msam_hyper(device, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, rho=0.05):
+    """AdamW-MSAM's ``hyper`` vector (reference.ADAMW_MSAM_HYPER order)."""
+    return torch.tensor([lr, beta1, beta2, eps, weight_decay, rho], dtype=torch.float64, device=device)

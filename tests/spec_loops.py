@@ -1,4 +1,4 @@
-"""Plain per-tensor loops written from SPEC §1, sharing no code with msam_fused.
+"""Plain per-tensor loops written from the algorithms of docs/design.md, sharing no code with msam_fused.
 
 They are the independent check on the reference optimizers: a different hand wrote the same
 algorithm, tensor by tensor, in the most literal way. Parameters are lists of tensors, groups

@@ -1,4 +1,4 @@
-"""One stream of gradients to drive two implementations identically (SPEC §8).
+"""One stream of gradients to drive two implementations identically (docs/design.md, "Numerics").
 
 Gradients come from seeded noise plus a small multiple of the parameter (so the dynamics
 react to the weights) rather than from a training model, whose chaotic dynamics amplify a

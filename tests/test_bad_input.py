@@ -1,4 +1,4 @@
-"""SPEC §7: bad input gets a clear error naming the problem and changes nothing."""
+"""Bad input gets a clear error naming the problem and changes nothing."""
 
 import pytest
 import torch
@@ -17,7 +17,8 @@ from test_optimizer_api import OPTIMIZERS, assert_unchanged, batch, small_model,
     (dict(momentum=-0.5), "invalid momentum"),
     (dict(nesterov=True), "nesterov=True is not part of MSAM"),
     (dict(dampening=0.1), "dampening=0.1 is not part of MSAM"),
-    (dict(lr=torch.tensor(0.1)), "lr must be a Python float"),
+    (dict(lr=torch.tensor([0.1])), "lr must be a Python float or a 0-d floating-point tensor"),
+    (dict(lr=torch.tensor(1)), "lr must be a Python float or a 0-d floating-point tensor"),
     (dict(rho=float("nan")), "must be finite"),
     (dict(nonfinite="ignore"), "nonfinite must be one of"),
 ])

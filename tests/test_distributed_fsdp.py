@@ -1,7 +1,7 @@
 """MSAM, AdamW-MSAM and SAM with sharded state (FSDP2, DTensor parameters): 2 CPU processes, gloo.
 
 Each rank updates its shard; the global norm is one all-reduce of the partial sums of squares.
-The sharded optimizers must equal unsharded ones (SPEC §8: one gradient stream drives both),
+The sharded optimizers must equal unsharded ones (one gradient stream drives both: docs/design.md, "Numerics"),
 with uneven shards (3 + 2 rows, 1 + 0 rows: an empty shard) and a replicated parameter.
 """
 

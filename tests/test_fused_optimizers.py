@@ -1,6 +1,6 @@
 """MSAM, AdamWMSAM and SAM on the fused backends ("cpu", "cuda") against the reference backend.
 
-Numerics follow SPEC §8: one stream of gradients drives both implementations (tests/streams.py),
+Numerics follow docs/design.md: one stream of gradients drives both implementations (tests/streams.py),
 and the fused run's error against a float64 reference run is at most twice the reference's
 own error at the same precision.
 """

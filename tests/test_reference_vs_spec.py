@@ -66,7 +66,7 @@ def test_msam_true_weights_match_spec_loop():
     (msam_fused.AdamWMSAM, SpecAdamWMSAM, ADAMW_HYPERS),
 ], ids=["MSAM", "AdamWMSAM"])
 def test_float32_within_twice_the_spec_loops_own_error(cls, spec_cls, hypers):
-    """SPEC §8: against a float64 run, at most 2x the error of the same loop in float32."""
+    """docs/design.md, "Numerics": against a float64 run, at most 2x the error of the same loop in float32."""
     exact, _ = run_spec(spec_cls, hypers, torch.float64)
     spec32, _ = run_spec(spec_cls, hypers, torch.float32)
     ours32, _ = run_optimizer(cls, hypers, torch.float32)

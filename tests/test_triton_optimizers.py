@@ -1,4 +1,4 @@
-"""MSAM, AdamW-MSAM and SAM with ``backend="triton"`` against the reference backend (SPEC §8).
+"""MSAM, AdamW-MSAM and SAM with ``backend="triton"`` against the reference backend.
 
 One gradient stream drives both (``streams.py``); three param groups, rho changed twice
 mid-run, parameters that miss gradients. Low precision passes when the Triton run's error

@@ -164,19 +164,19 @@ def test_changing_adaptive_after_the_first_step_is_refused_and_changes_nothing()
 
 
 def test_backends_without_adaptive_support_fail_clearly_or_fall_back_under_auto():
-    fake = SimpleNamespace(name="fake")
+    fake = SimpleNamespace(name="fake", capabilities=frozenset({backends.STASH}))
     with pytest.raises(backends.BackendUnavailableError, match="backend 'fake' does not implement"):
-        backends.with_feature(fake, "supports_adaptive", "cuda", "MSAM(adaptive=True)")
+        backends.with_capability(fake, backends.ADAPTIVE, "cuda", "MSAM(adaptive=True)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert backends.with_feature(fake, "supports_adaptive", "auto", "MSAM(adaptive=True)") \
+        assert backends.with_capability(fake, backends.ADAPTIVE, "auto", "MSAM(adaptive=True)") \
             is msam_fused.reference
     assert any("runs on the 'reference' backend" in str(w.message) for w in caught)
-    assert backends.with_feature(msam_fused.reference, "supports_adaptive", "cpu", "x") is msam_fused.reference
+    assert backends.with_capability(msam_fused.reference, backends.ADAPTIVE, "cpu", "x") is msam_fused.reference
 
 
 def test_an_explicit_backend_without_adaptive_support_is_refused_at_construction(monkeypatch):
-    monkeypatch.setattr(msam_fused.reference, "supports_adaptive", False)
+    monkeypatch.setattr(msam_fused.reference, "capabilities", frozenset({backends.STASH}))
     with pytest.raises(backends.BackendUnavailableError, match="adaptive"):
         msam_fused.MSAM(small_model().parameters(), rho=0.5, adaptive=True, backend="reference")
 

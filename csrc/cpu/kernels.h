@@ -12,9 +12,9 @@
 
 namespace msam_fused::cpu {
 
-// What a pass adds up: the squares of the new direction, and non-finite markers (0, or NaN
-// once any gradient entry is inf or NaN). Each segment sums into its own slot and the slots
-// are added in order, so the result does not depend on the number of threads.
+// What a segment adds up: the squares of the new direction, and non-finite markers (0, or
+// NaN once any gradient entry is inf or NaN). Each segment sums into its own slot of the
+// pass's partials, so the result does not depend on the number of threads.
 struct Sums {
   double squares = 0.0, nonfinite = 0.0;
 };
@@ -28,14 +28,14 @@ struct PassScalars {
 
 struct Kernels {
   const char* capability;
-  // partials (optional): two doubles per segment (see Sums), in segment order.
-  Sums (*msam_sgd)(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials);
-  // bias: per row, the AdamW bias corrections at the row's new step count.
-  Sums (*adamw_msam)(Pass pass, const AdamwMsamArgs& a, const PassScalars& k,
-                     const std::vector<AdamBias>& bias);
+  // partials: for the passes that sum, two doubles per segment (see Sums), in segment order.
+  void (*msam_sgd)(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials);
+  // bias (kStep): per row, the AdamW bias corrections at the row's new step count.
+  void (*adamw_msam)(Pass pass, const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias,
+                     double* partials);
   // params = base + k * directions.
   void (*perturb)(const PerturbArgs& a, double k);
-  double (*sam_sum_of_squares)(const SamArgs& a);
+  void (*sam_partials)(const SamArgs& a, double* partials);
   // backups = params; then, unless skipped, params = w + e with e from scale.
   void (*sam_ascent)(const SamArgs& a, double scale, bool skipped);
 };

@@ -64,12 +64,6 @@ constexpr int64_t kPrefetchAhead = 512;  // elements: a few KB ahead of each str
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
 
-// Names the type an element function works in (a scalar C or a vector Vec<C>).
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // Elements in one T: 1 for a scalar, the vector width for Vec<C>.
 template <typename T>
 constexpr int64_t lanes() {
@@ -133,35 +127,30 @@ Sums run_elements(int64_t begin, int64_t end, const Element& element, const Stre
   return sums;
 }
 
-// Runs segment_sums(segment) -> Sums on every segment in parallel; the sums in segment order.
-// Threads claim segments one at a time, so a thread that the OS preempts (a busy machine)
-// holds up only its current segment; each result still lands in its segment's slot.
-// `partials` (optional) receives each segment's (squares, nonfinite).
+// Runs segment_sums(segment) -> Sums on every segment in parallel; `partials` (optional)
+// receives each segment's (squares, nonfinite) in segment order. Threads claim segments one at
+// a time, so a thread that the OS preempts (a busy machine) holds up only its current segment.
 template <typename SegmentFn>
-Sums parallel_segments(const TensorTable& table, const SegmentFn& segment_sums, double* partials = nullptr) {
+void parallel_segments(const TensorTable& table, const SegmentFn& segment_sums, double* partials = nullptr) {
   const std::vector<Segment> segments = table.segments(kChunk);
   const int64_t n = static_cast<int64_t>(segments.size());
-  std::vector<double> squares(n, 0.0), nonfinite(n, 0.0);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
     for (int64_t k = next++; k < n; k = next++) {
       const Sums s = segment_sums(segments[k]);
-      squares[k] = s.squares;
-      nonfinite[k] = s.nonfinite;
       if (partials != nullptr) {
         partials[2 * k] = s.squares;
         partials[2 * k + 1] = s.nonfinite;
       }
     }
   });
-  return {ordered_sum(squares), ordered_sum(nonfinite)};
 }
 
 // Runs segment(s, has_grad, has_master) on every segment, with the two flags of the
-// segment's row as compile-time constants.
+// segment's row as std::integral_constant.
 template <typename Args, typename SegmentFn>
-Sums parallel_rows(const Args& a, const SegmentFn& segment, double* partials = nullptr) {
-  return parallel_segments(a.table, [&](const Segment& s) {
+void parallel_rows(const Args& a, const SegmentFn& segment, double* partials) {
+  parallel_segments(a.table, [&](const Segment& s) {
     const bool has_grad = a.table.ptr(s.row, Args::kGrad) != nullptr;
     const bool has_master = a.table.ptr(s.row, Args::kMaster) != nullptr;
     if (has_grad && has_master) return segment(s, std::true_type{}, std::true_type{});
@@ -176,34 +165,17 @@ T* column(const TensorTable& table, int64_t row, int col) {
   return static_cast<T*>(table.ptr(row, col));
 }
 
-// A functor (or the pass's coefficients) for single elements and for vectors, built from the
-// same scalars; get(tag) gives the one an element function works in.
-template <typename C, typename X>
-auto widen(X x) {
-  if constexpr (std::is_same_v<X, bool>) {
-    return x;  // a flag stays a flag
-  } else {
-    return Vec<C>(x);
-  }
-}
-
+// Scalar and at::vec versions of a functor (Both, passes.h).
 template <template <typename> class F, typename C>
-struct Both {
-  template <typename... Args>
-  explicit Both(Args... args) : scalar{args...}, vector{widen<C>(args)...} {}
-  const F<C>& get(Tag<C>) const { return scalar; }
-  const F<Vec<C>>& get(Tag<Vec<C>>) const { return vector; }
-  F<C> scalar;
-  F<Vec<C>> vector;
-};
+using ScalarAndVec = Both<F, C, Vec<C>>;
 
 template <typename C>
-Both<PassCoefs, C> pass_coefs(const PassScalars& k) {
-  return Both<PassCoefs, C>(C(k.coef_old), C(-k.coef_new), C(k.grad_scale), k.unscale);
+ScalarAndVec<PassCoefs, C> pass_coefs(const PassScalars& k) {
+  return ScalarAndVec<PassCoefs, C>(k.coef_old, k.coef_new, k.grad_scale, k.unscale);
 }
 
 // ---------------------------------------------------------------- MSAM-SGD and AdamW-MSAM
-// One segment of a pass (see Pass in passes.h); kHasGrad / kHasMaster: the row has them.
+// One segment of a pass (see Pass in kernel_types.h); kHasGrad / kHasMaster: the row has them.
 template <Pass kPass, typename P, bool kHasGrad, bool kHasMaster>
 Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars& scalars) {
   using C = compute_t<P>;
@@ -211,7 +183,7 @@ Sums msam_sgd_segment(const MsamSgdArgs& a, const Segment& s, const PassScalars&
   const MsamSgdRow<P> row{column<P>(a.table, s.row, A::kParam), column<P>(a.table, s.row, A::kGrad),
                           column<state_t<P>>(a.table, s.row, A::kMomentum),
                           column<master_t>(a.table, s.row, A::kMaster)};
-  const Both<MsamSgdStep, C> step(C(a.lr), C(a.weight_decay), C(a.momentum));
+  const ScalarAndVec<MsamSgdStep, C> step(a.hyper);
   const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
     return msam_sgd_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag), scalars.skipped);
@@ -228,9 +200,7 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
                             column<state_t<P>>(a.table, s.row, A::kExpAvg),
                             column<state_t<P>>(a.table, s.row, A::kExpAvgSq),
                             column<master_t>(a.table, s.row, A::kMaster)};
-  const Both<AdamwMsamStep, C> step(C(a.beta1), C(1.0 - a.beta1), C(a.beta2), C(1.0 - a.beta2),
-                                    C(a.eps), C(bias.step_size), C(bias.bias2_sqrt),
-                                    C(1.0 - a.lr * a.weight_decay));
+  const ScalarAndVec<AdamwMsamStep, C> step(a.hyper, bias);
   const auto k = pass_coefs<C>(scalars);
   auto element = [&](auto tag, int64_t i) {
     return adamw_msam_element<kPass, kHasGrad, kHasMaster>(row, i, step.get(tag), k.get(tag));
@@ -239,56 +209,51 @@ Sums adamw_msam_segment(const AdamwMsamArgs& a, const Segment& s, const PassScal
 }
 
 template <Pass kPass>
-Sums msam_sgd_pass(const MsamSgdArgs& a, const PassScalars& k, double* partials) {
-  Sums total;
+void msam_sgd_pass(const MsamSgdArgs& a, const PassScalars& k, double* partials) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "msam_sgd", [&] {
-    total = parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
+    parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
       return msam_sgd_segment<kPass, scalar_t, decltype(has_grad)::value, decltype(has_master)::value>(
           a, s, k);
     }, partials);
   });
-  return total;
 }
 
 template <Pass kPass>
-Sums adamw_msam_pass(const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias) {
-  Sums total;
+void adamw_msam_pass(const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias,
+                     double* partials) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "adamw_msam", [&] {
-    total = parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
+    parallel_rows(a, [&](const Segment& s, auto has_grad, auto has_master) {
       return adamw_msam_segment<kPass, scalar_t, decltype(has_grad)::value, decltype(has_master)::value>(
-          a, s, k, kPass == Pass::kSumOfSquares ? AdamBias{} : bias[s.row]);
-    });
+          a, s, k, kPass == Pass::kStep ? bias[s.row] : AdamBias{0.0, 1.0});
+    }, partials);
   });
-  return total;
 }
 
-Sums msam_sgd_kernel(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials) {
+void msam_sgd_kernel(Pass pass, const MsamSgdArgs& a, const PassScalars& k, double* partials) {
   switch (pass) {
-    case Pass::kSumOfSquares: return msam_sgd_pass<Pass::kSumOfSquares>(a, k, partials);
-    case Pass::kUpdate: return msam_sgd_pass<Pass::kUpdate>(a, k, partials);
+    case Pass::kPartials: return msam_sgd_pass<Pass::kPartials>(a, k, partials);
     case Pass::kStash: return msam_sgd_pass<Pass::kStash>(a, k, partials);
     case Pass::kFinish: return msam_sgd_pass<Pass::kFinish>(a, k, partials);
-    default: return msam_sgd_pass<Pass::kStep>(a, k, partials);
+    case Pass::kStep: return msam_sgd_pass<Pass::kStep>(a, k, partials);
   }
 }
 
-Sums adamw_msam_kernel(Pass pass, const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias) {
-  switch (pass) {
-    case Pass::kSumOfSquares: return adamw_msam_pass<Pass::kSumOfSquares>(a, k, bias);
-    case Pass::kUpdate: return adamw_msam_pass<Pass::kUpdate>(a, k, bias);
-    default: return adamw_msam_pass<Pass::kStep>(a, k, bias);
-  }
+void adamw_msam_kernel(Pass pass, const AdamwMsamArgs& a, const PassScalars& k, const std::vector<AdamBias>& bias,
+                       double* partials) {
+  if (pass == Pass::kPartials) return adamw_msam_pass<Pass::kPartials>(a, k, bias, partials);
+  TORCH_INTERNAL_ASSERT(pass == Pass::kStep, "adamw_msam: no such pass");
+  adamw_msam_pass<Pass::kStep>(a, k, bias, partials);
 }
 
 // ---------------------------------------------------------------------------- perturbation
 template <typename P, bool kHasMaster>
-void perturb_segment(const PerturbArgs& a, const Segment& s, double k) {
+Sums perturb_segment(const PerturbArgs& a, const Segment& s, double k) {
   using C = compute_t<P>;
   using A = PerturbArgs;
   const PerturbRow<P> row{column<P>(a.table, s.row, A::kParam),
                           column<state_t<P>>(a.table, s.row, A::kDirection),
                           column<master_t>(a.table, s.row, A::kMaster)};
-  run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
+  return run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
     using T = typename decltype(tag)::type;
     perturb_element<kHasMaster>(row, i, T(C(k)));
     return Terms<T>{};
@@ -298,12 +263,8 @@ void perturb_segment(const PerturbArgs& a, const Segment& s, double k) {
 void perturb_kernel(const PerturbArgs& a, double k) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "perturb_", [&] {
     parallel_segments(a.table, [&](const Segment& s) {
-      if (a.table.ptr(s.row, PerturbArgs::kMaster) != nullptr) {
-        perturb_segment<scalar_t, true>(a, s, k);
-      } else {
-        perturb_segment<scalar_t, false>(a, s, k);
-      }
-      return Sums{};
+      return a.table.ptr(s.row, PerturbArgs::kMaster) != nullptr ? perturb_segment<scalar_t, true>(a, s, k)
+                                                                 : perturb_segment<scalar_t, false>(a, s, k);
     });
   });
 }
@@ -315,19 +276,16 @@ SamRow<P> sam_row(const SamArgs& a, int64_t row) {
           column<P>(a.table, row, SamArgs::kBackup)};
 }
 
-double sam_sum_of_squares_kernel(const SamArgs& a) {
-  double total = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_sum_of_squares", [&] {
+void sam_partials_kernel(const SamArgs& a, double* partials) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.table.param_dtype, "sam_ascent_partials", [&] {
     using C = compute_t<scalar_t>;
-    total = parallel_segments(a.table, [&](const Segment& s) {
+    parallel_segments(a.table, [&](const Segment& s) {
       const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
       return run_elements<C, true>(s.begin, s.end, [&](auto tag, int64_t i) {
-        using T = typename decltype(tag)::type;
-        return Terms<T>{sam_norm_element<T>(row, i, a.adaptive), T(C(0))};
+        return sam_norm_element<typename decltype(tag)::type>(row, i, a.adaptive);
       });
-    }).squares;
+    }, partials);
   });
-  return total;
 }
 
 void sam_ascent_kernel(const SamArgs& a, double scale, bool skipped) {
@@ -335,19 +293,18 @@ void sam_ascent_kernel(const SamArgs& a, double scale, bool skipped) {
     using C = compute_t<scalar_t>;
     parallel_segments(a.table, [&](const Segment& s) {
       const SamRow<scalar_t> row = sam_row<scalar_t>(a, s.row);
-      run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
+      return run_elements<C, false>(s.begin, s.end, [&](auto tag, int64_t i) {
         using T = typename decltype(tag)::type;
         std::copy(row.p + i, row.p + i + lanes<T>(), row.backup + i);  // the exact bits of w
         if (!skipped) sam_ascent_element<T>(row, i, T(C(scale)), a.adaptive);
         return Terms<T>{};
       });
-      return Sums{};
     });
   });
 }
 
 inline const Kernels kKernels = {C10_STRINGIZE(CPU_CAPABILITY), &msam_sgd_kernel, &adamw_msam_kernel,
-                                 &perturb_kernel, &sam_sum_of_squares_kernel, &sam_ascent_kernel};
+                                 &perturb_kernel, &sam_partials_kernel, &sam_ascent_kernel};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

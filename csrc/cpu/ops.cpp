@@ -1,5 +1,6 @@
-// The CPU passes of the msam_fused ops (op_impls.h does the rest): read the 0-d scalars (CPU
-// tensors, so this is no device sync) and run the kernels of the best CPU capability.
+// The CPU passes of the msam_fused ops (op_impls.h does the rest): read the 0-d scalars and
+// the hyper vector (CPU tensors, so this is no device sync) and run the kernels of the best
+// CPU capability.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -50,76 +51,69 @@ PassScalars pass_scalars(const Args& a) {
           a.grad_scale.kind != ScalarKind::kAbsent, step_skipped(a.found_inf)};
 }
 
-// What a CPU pass summed, as the op's result tensors.
-struct HostSums {
-  Sums sums;
-  at::Device device;
+// The partial sums of a pass over `table`: [segments, 2] float64 on the CPU.
+at::Tensor empty_partials(const TensorTable& table) {
+  return at::empty({table.segment_count(kCpuSegmentLength), 2}, at::TensorOptions().dtype(at::kDouble));
+}
 
-  std::tuple<at::Tensor, at::Tensor> result(at::ScalarType norm_dtype) const {
-    return {scalar_tensor(sums.squares, norm_dtype, device),
-            scalar_tensor(std::isnan(sums.nonfinite) ? 1.0 : 0.0, at::kBool, device)};
-  }
-};
-
-// The CPU passes for OpImpls. A skipped step (found_inf set) returns before any kernel runs,
-// except kFinish, which then puts the stashed momenta back.
+// The CPU passes for OpImpls. A skipped kStep (found_inf set) returns before any kernel runs;
+// a skipped kFinish puts the stashed momenta back.
 struct Cpu {
-  static HostSums msam_sgd(Pass pass, const MsamSgdArgs& a) {
-    if (pass != Pass::kSumOfSquares && pass != Pass::kFinish && step_skipped(a.found_inf)) {
-      return {{}, a.table.device};
-    }
-    return {kernels().msam_sgd(pass, a, pass_scalars(a), nullptr), a.table.device};
-  }
-
-  // A summing pass that returns its per-segment sums, [segments, 2] float64, in segment order.
-  static at::Tensor msam_sgd_partials(Pass pass, const MsamSgdArgs& a) {
-    at::Tensor partials = at::empty({a.table.segment_count(kCpuSegmentLength), 2},
-                                    at::TensorOptions().dtype(at::kDouble).device(a.table.device));
-    kernels().msam_sgd(pass, a, pass_scalars(a), partials.data_ptr<double>());
+  static at::Tensor msam_sgd(Pass pass, const MsamSgdArgs& a) {
+    const PassScalars k = pass_scalars(a);
+    if (pass == Pass::kStep && k.skipped) return {};
+    at::Tensor partials = sums_terms(pass) ? empty_partials(a.table) : at::Tensor();
+    kernels().msam_sgd(pass, a, k, partials.defined() ? partials.data_ptr<double>() : nullptr);
     return partials;
   }
 
-  // The sums a pass returns, from its partials: the same order and arithmetic as the pass.
-  static std::tuple<at::Tensor, at::Tensor> sum_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
-    const double* data = partials.data_ptr<double>();
-    std::vector<double> squares(partials.size(0)), nonfinite(partials.size(0));
-    for (int64_t k = 0; k < partials.size(0); ++k) {
-      squares[k] = data[2 * k];
-      nonfinite[k] = data[2 * k + 1];
-    }
-    return HostSums{{ordered_sum(squares), ordered_sum(nonfinite)}, partials.device()}.result(norm_dtype);
-  }
-
-  // Passes that write advance the step counts of rows with a gradient, after reading them
-  // for the bias corrections at the new count.
-  static HostSums adamw_msam(Pass pass, const AdamwMsamArgs& a) {
+  // kStep advances the step counts of rows with a gradient, after reading them for the bias
+  // corrections at the new count (once per row, in double).
+  static at::Tensor adamw_msam(Pass pass, const AdamwMsamArgs& a) {
     using A = AdamwMsamArgs;
-    if (pass == Pass::kSumOfSquares) return {kernels().adamw_msam(pass, a, pass_scalars(a), {}), a.table.device};
-    if (step_skipped(a.found_inf)) return {{}, a.table.device};
+    const PassScalars k = pass_scalars(a);
+    if (pass == Pass::kPartials) {
+      at::Tensor partials = empty_partials(a.table);
+      kernels().adamw_msam(pass, a, k, {}, partials.data_ptr<double>());
+      return partials;
+    }
+    if (k.skipped) return {};
     std::vector<AdamBias> bias(a.table.rows());
     for (int64_t r = 0; r < a.table.rows(); ++r) {
-      bias[r] = adam_bias(a.lr, a.beta1, a.beta2, *static_cast<float*>(a.table.ptr(r, A::kStep)) + 1.0f);
+      bias[r] = adam_bias(a.hyper, *static_cast<float*>(a.table.ptr(r, A::kStep)) + 1.0f);
     }
-    const Sums sums = kernels().adamw_msam(pass, a, pass_scalars(a), bias);
+    kernels().adamw_msam(pass, a, k, bias, nullptr);
     for (int64_t r = 0; r < a.table.rows(); ++r) {
       if (a.table.ptr(r, A::kGrad) != nullptr) *static_cast<float*>(a.table.ptr(r, A::kStep)) += 1.0f;
     }
-    return {sums, a.table.device};
+    return {};
   }
 
-  static void perturb(const PerturbArgs& a) {
-    if (!step_skipped(a.found_inf)) kernels().perturb(a, a.alpha * read_scalar(a.coef, 0.0));
+  // The sums of a bucket's partials, added in row order in double.
+  static std::tuple<at::Tensor, at::Tensor> sum_partials(const at::Tensor& partials, at::ScalarType norm_dtype) {
+    const double* data = partials.data_ptr<double>();
+    double squares = 0.0, nonfinite = 0.0;
+    for (int64_t k = 0; k < partials.size(0); ++k) {
+      squares += data[2 * k];
+      nonfinite += data[2 * k + 1];
+    }
+    return {scalar_tensor(squares, norm_dtype, partials.device()),
+            scalar_tensor(std::isnan(nonfinite) ? 1.0 : 0.0, at::kBool, partials.device())};
   }
 
-  static at::Tensor perturbation_coef(ScalarArg sum_of_squares, double rho, const at::Tensor& coef_old,
+  static void perturb(const PerturbArgs& a) { kernels().perturb(a, a.alpha * read_scalar(a.coef, 0.0)); }
+
+  static at::Tensor perturbation_coef(ScalarArg sum_of_squares, ScalarArg rho, const at::Tensor& coef_old,
                                       ScalarArg found_inf) {
     if (step_skipped(found_inf)) return coef_old.clone();
-    const double coef = msam_fused::perturbation_coef(read_scalar(sum_of_squares, 0.0), rho);
+    const double coef = msam_fused::perturbation_coef(read_scalar(sum_of_squares, 0.0), read_scalar(rho, 0.0));
     return scalar_tensor(coef, coef_old.scalar_type(), coef_old.device());
   }
 
-  static HostSums sam_sum_of_squares(const SamArgs& a) {
-    return {{kernels().sam_sum_of_squares(a), 0.0}, a.table.device};
+  static at::Tensor sam_partials(const SamArgs& a) {
+    at::Tensor partials = empty_partials(a.table);
+    kernels().sam_partials(a, partials.data_ptr<double>());
+    return partials;
   }
 
   static void sam_ascent(const SamArgs& a) {

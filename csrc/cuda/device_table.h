@@ -1,28 +1,19 @@
-// The tensor table of a call, as the CUDA kernels read it: one block of int64 words in device
-// memory. Tables are cached, so a step that sees the same tensors as before uploads nothing.
+// The device copy of a call's tensor table (layout: table_layout.h), from a cache of uploads.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "../tensor_table.h"
+#include "table_layout.h"
 
 namespace msam_fused::cuda {
 
-// Layout of the words: per row, `width` data pointers and the row's numel; then per
-// segment (one per CUDA block) its row and first element.
-struct DeviceTable {
-  const int64_t* words;  // device memory, valid while the cache holds it (see device_table.cpp)
-  int64_t rows;
-  int64_t segments;
-};
-
-inline constexpr int64_t row_words(int width) { return width + 1; }
-
-// The device copy of `table` split into segments of `chunk` elements. Uploads (an async copy
-// from pinned memory, on the current stream) only when no identical table is cached.
-DeviceTable device_table(const TensorTable& table, int64_t chunk);
+// The device copy of `table` split into segments of `chunk` elements, ready for kernels on
+// `stream`. Uploads (an async copy from pinned memory on `stream`) only when the cache holds
+// no identical table usable there (see device_table.cpp for the rules under graph capture and
+// across streams). Host work is O(rows).
+DeviceTable device_table(const TensorTable& table, int64_t chunk, c10::cuda::CUDAStream stream);
 
 }  // namespace msam_fused::cuda

@@ -1,5 +1,5 @@
 // The CPU kernel sets (DEFAULT, and AVX2 / AVX-512 where this CPU runs them) against each
-// other, and the one-pass step against the contract's two passes. Run by ctest.
+// other, and the overlapped step against the plain one. Run by ctest.
 //
 // Elementwise results must agree to the bit across capabilities (the arithmetic is the same
 // and nothing is contracted into a fused multiply-add); sums of squares may differ in the
@@ -16,7 +16,6 @@
 using namespace msam_fused;
 using msam_fused::cpu::Kernels;
 using msam_fused::cpu::PassScalars;
-using msam_fused::cpu::Sums;
 
 namespace {
 
@@ -64,9 +63,28 @@ Bucket make_bucket(at::ScalarType dtype, bool masters) {
   return b.clone();
 }
 
+const at::Tensor& sgd_hyper() {
+  static const at::Tensor hyper = at::tensor({0.1, 1e-3, 0.9, 0.05}, at::TensorOptions().dtype(at::kDouble));
+  return hyper;
+}
+
 MsamSgdArgs sgd_args(Pass pass, Bucket& b) {
-  return msam_sgd_args(pass, b.params, b.grad_list, b.momenta, b.masters, 0.1, 1e-3, 0.9, {}, {},
-                       at::kFloat, {}, {});
+  return msam_sgd_args(pass, b.params, b.grad_list, b.momenta, pass == Pass::kStep ? b.masters : at::TensorList(),
+                       sgd_hyper(), {}, {}, {}, {});
+}
+
+// A pass's partials, two per segment.
+std::vector<double> run_partials(const Kernels& kernels, Pass pass, Bucket& b, const PassScalars& k) {
+  const MsamSgdArgs a = sgd_args(pass, b);
+  std::vector<double> partials(2 * a.table.segment_count(kCpuSegmentLength));
+  kernels.msam_sgd(pass, a, k, partials.data());
+  return partials;
+}
+
+double total(const std::vector<double>& partials, int column) {
+  double sum = 0.0;
+  for (size_t i = column; i < partials.size(); i += 2) sum += partials[i];
+  return sum;
 }
 
 bool same_bits(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
@@ -77,61 +95,45 @@ bool same_bits(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& 
 }
 
 void test_capabilities_agree(at::ScalarType dtype, bool masters) {
-  const PassScalars k{0.25, 0.5, 2.0};
+  const PassScalars k{0.25, 0.5, 2.0, true};
   const Bucket start = make_bucket(dtype, masters);
   const std::vector<const Kernels*> sets = cpu::runnable_kernels();
   Bucket expected = start.clone();
-  const Sums expected_sums = sets.front()->msam_sgd(Pass::kSumOfSquares, sgd_args(Pass::kSumOfSquares, expected), k, nullptr);
+  const double expected_squares = total(run_partials(*sets.front(), Pass::kPartials, expected, k), 0);
   sets.front()->msam_sgd(Pass::kStep, sgd_args(Pass::kStep, expected), k, nullptr);
   for (const Kernels* kernels : sets) {
     const char* what = kernels->capability;
     Bucket b = start.clone();
-    const Sums sums = kernels->msam_sgd(Pass::kSumOfSquares, sgd_args(Pass::kSumOfSquares, b), k, nullptr);
-    EXPECT(std::fabs(sums.squares - expected_sums.squares) <= 1e-6 * expected_sums.squares, what);
-    EXPECT(sums.nonfinite == 0.0, what);
-    EXPECT(same_bits(b.params, start.params), what);  // the sum-of-squares pass writes nothing
+    const std::vector<double> partials = run_partials(*kernels, Pass::kPartials, b, k);
+    EXPECT(std::fabs(total(partials, 0) - expected_squares) <= 1e-6 * expected_squares, what);
+    EXPECT(total(partials, 1) == 0.0, what);
+    EXPECT(same_bits(b.params, start.params), what);  // the read-only pass writes nothing
     kernels->msam_sgd(Pass::kStep, sgd_args(Pass::kStep, b), k, nullptr);
     EXPECT(same_bits(b.params, expected.params) && same_bits(b.momenta, expected.momenta), what);
     EXPECT(same_bits(b.masters, expected.masters), what);
   }
 }
 
-// kStep == kUpdate followed by the perturbation (fp32: the update's w is stored exactly).
-void test_one_pass_step_matches_two_passes() {
-  const PassScalars k{0.25, 0.5, 1.0};
-  const Bucket start = make_bucket(at::kFloat, false);
-  for (const Kernels* kernels : cpu::runnable_kernels()) {
-    Bucket one = start.clone(), two = start.clone();
-    kernels->msam_sgd(Pass::kStep, sgd_args(Pass::kStep, one), k, nullptr);
-    const Sums update = kernels->msam_sgd(Pass::kUpdate, sgd_args(Pass::kUpdate, two), k, nullptr);
-    Bucket untouched = start.clone();
-    const Sums squares = kernels->msam_sgd(Pass::kSumOfSquares, sgd_args(Pass::kSumOfSquares, untouched), k, nullptr);
-    EXPECT(update.squares == squares.squares, kernels->capability);
-    kernels->perturb(perturb_args(two.params, two.momenta, {}, at::scalar_tensor(0.5), -1.0, {}), -0.5);
-    EXPECT(same_bits(one.params, two.params) && same_bits(one.momenta, two.momenta), kernels->capability);
-  }
-}
-
-// One non-finite gradient entry anywhere sets the flag; the sum-of-squares pass is how a step
-// learns that it must be skipped.
+// One non-finite gradient entry sets its segment's marker (and no other): the read-only pass
+// is how a step learns that it must be skipped.
 void test_nonfinite_flag() {
   for (const Kernels* kernels : cpu::runnable_kernels()) {
     for (double bad : {INFINITY, -INFINITY, NAN}) {
       Bucket b = make_bucket(at::kFloat, false);
       b.grads[6][12345] = bad;  // in the middle of a vector of the 40000-element tensor
-      const Sums sums = kernels->msam_sgd(Pass::kSumOfSquares, sgd_args(Pass::kSumOfSquares, b), {}, nullptr);
-      EXPECT(std::isnan(sums.nonfinite), kernels->capability);
+      std::vector<double> partials = run_partials(*kernels, Pass::kPartials, b, {});
+      // segments: one per non-empty tensor before it (0-d, 1, 7, 17x3, 1000), then 40000's first
+      EXPECT(std::isnan(partials[2 * 5 + 1]) && std::isnan(total(partials, 1)), kernels->capability);
       b.grads[6][12345] = 0.0;
       b.grads[3].view(-1)[50] = bad;  // in the scalar tail of the 51-element tensor
-      EXPECT(std::isnan(kernels->msam_sgd(Pass::kSumOfSquares, sgd_args(Pass::kSumOfSquares, b), {}, nullptr).nonfinite),
-             kernels->capability);
+      partials = run_partials(*kernels, Pass::kPartials, b, {});
+      EXPECT(std::isnan(partials[2 * 3 + 1]) && !std::isnan(partials[2 * 5 + 1]), kernels->capability);
     }
   }
 }
 
-// The overlapped step on every kernel set: kStash then kFinish give kStep's bits, the
-// per-segment partial sums of kStash and kSumOfSquares are the same, and add up (in order) to
-// what the pass returns.
+// The overlapped step on every kernel set: kStash then kFinish give kStep's bits, and the
+// per-segment partial sums of kStash and kPartials are the same.
 void test_overlapped_step(at::ScalarType dtype) {
   const PassScalars k{0.25, 0.5, 2.0, true};
   const Bucket start = make_bucket(dtype, false);
@@ -139,17 +141,8 @@ void test_overlapped_step(at::ScalarType dtype) {
     const char* what = kernels->capability;
     Bucket plain = start.clone(), ours = start.clone(/*own_grads=*/true);
     kernels->msam_sgd(Pass::kStep, sgd_args(Pass::kStep, plain), k, nullptr);
-    const MsamSgdArgs read_only = sgd_args(Pass::kSumOfSquares, ours);
-    std::vector<double> expected(2 * read_only.table.segment_count(kCpuSegmentLength));
-    const Sums sums = kernels->msam_sgd(Pass::kSumOfSquares, read_only, k, expected.data());
-    std::vector<double> partials(expected.size()), squares, markers;
-    kernels->msam_sgd(Pass::kStash, sgd_args(Pass::kStash, ours), k, partials.data());
-    EXPECT(partials == expected, what);
-    for (size_t i = 0; i < partials.size(); i += 2) {
-      squares.push_back(partials[i]);
-      markers.push_back(partials[i + 1]);
-    }
-    EXPECT(ordered_sum(squares) == sums.squares && ordered_sum(markers) == 0.0, what);
+    const std::vector<double> expected = run_partials(*kernels, Pass::kPartials, ours, k);
+    EXPECT(run_partials(*kernels, Pass::kStash, ours, k) == expected, what);
     Bucket skipped = ours.clone();  // the state after kStash, sharing its stashes
     kernels->msam_sgd(Pass::kFinish, sgd_args(Pass::kFinish, ours), k, nullptr);
     EXPECT(same_bits(ours.params, plain.params) && same_bits(ours.momenta, plain.momenta), what);
@@ -157,7 +150,6 @@ void test_overlapped_step(at::ScalarType dtype) {
     skip.skipped = true;
     kernels->msam_sgd(Pass::kFinish, sgd_args(Pass::kFinish, skipped), skip, nullptr);
     EXPECT(same_bits(skipped.params, start.params) && same_bits(skipped.momenta, start.momenta), what);
-
   }
 }
 
@@ -174,7 +166,6 @@ int main() {
   test_overlapped_step(at::kFloat);
   test_overlapped_step(at::kDouble);
   test_capabilities_agree(at::kHalf, false);
-  test_one_pass_step_matches_two_passes();
   test_nonfinite_flag();
   if (failures) {
     std::fprintf(stderr, "%d expectation(s) failed\n", failures);

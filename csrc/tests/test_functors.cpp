@@ -1,6 +1,6 @@
 // Unit tests of the arithmetic every kernel shares (functors.h, passes.h, scalar_arg.h) and
 // of the table split (tensor_table.h). Run by ctest (see CMakeLists.txt). Each expectation is
-// written out from SPEC §1, independently of the code under test.
+// written out from the algorithms of docs/design.md, independently of the code under test.
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
@@ -10,6 +10,7 @@
 
 #include "../passes.h"
 #include "../scalar_arg.h"
+#include "../cuda/table_layout.h"
 #include "../tensor_table.h"
 
 using namespace msam_fused;
@@ -38,12 +39,23 @@ void test_msam_sgd_step() {
   EXPECT(near(step.new_weight(1.5, v_new), 1.5 - 0.1 * v_new));
 }
 
+void test_msam_sgd_step_from_hyper() {
+  const double hyper[MsamSgdHyper::kSize] = {0.1, 5e-4, 0.9, 0.05};
+  const MsamSgdStep<float> step = MsamSgdStep<float>::from<float>(hyper);
+  EXPECT(step.lr == 0.1f && step.weight_decay == 5e-4f && step.momentum == 0.9f);
+}
+
 void test_adamw_msam_step() {
   const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.1, t = 3.0;
-  const AdamBias bias = adam_bias(lr, b1, b2, t);
+  const double hyper[AdamwMsamHyper::kSize] = {lr, b1, b2, eps, wd, 0.05};
+  const AdamBias bias = adam_bias(hyper, t);
   EXPECT(near(bias.step_size, lr / (1 - std::pow(b1, t))));
   EXPECT(near(bias.bias2_sqrt, std::sqrt(1 - std::pow(b2, t))));
-  const AdamwMsamStep<double> step{b1, 1 - b1, b2, 1 - b2, eps, bias.step_size, bias.bias2_sqrt, 1 - lr * wd};
+  const AdamwMsamStep<double> step = AdamwMsamStep<double>::from<double>(hyper, bias);
+  EXPECT(step.one_minus_beta2 == 1 - b2 && step.decay == 1 - lr * wd && step.eps == eps);
+  // 1 - beta is formed in double, then rounded once: not 1.0f - float(beta2).
+  const AdamwMsamStep<float> single = AdamwMsamStep<float>::from<float>(hyper, bias);
+  EXPECT(single.one_minus_beta2 == static_cast<float>(1 - b2));
   const double g = 0.4, m = -0.1, s = 0.02, w = 2.0;
   const double m_new = step.new_exp_avg(g, m), s_new = step.new_exp_avg_sq(g, s);
   EXPECT(near(m_new, b1 * m + (1 - b1) * g));
@@ -60,6 +72,9 @@ void test_perturbation_and_sam() {
   EXPECT(near(sam_ascent(2.0, 0.5, 0.1, true), 2.0 + 0.05 * 4.0));
   EXPECT(sam_norm_term(-3.0, 0.5, true) == 1.5);
   EXPECT(sam_norm_term(-3.0, 0.5, false) == 0.5);
+  double p[1] = {-3.0}, inf_g[1] = {INFINITY};
+  const Terms<double> sam = sam_norm_element<double>(SamRow<double>{p, inf_g, nullptr}, 0, true);
+  EXPECT(std::isnan(sam.nonfinite));
 }
 
 void test_nonfinite_marker() {
@@ -74,6 +89,10 @@ void test_scalar_args() {
   const bool yes = true;
   const float half = 0.5f;
   const double two = 2.0;
+  const c10::BFloat16 quarter(0.25f);
+  const c10::Half three(3.0f);
+  EXPECT(read_scalar(ScalarArg{&quarter, ScalarKind::kBFloat16}, 0.0) == 0.25);
+  EXPECT(read_scalar(ScalarArg{&three, ScalarKind::kHalf}, 0.0) == 3.0);
   EXPECT(read_scalar(ScalarArg{}, 7.0) == 7.0);
   EXPECT(read_scalar(ScalarArg{&half, ScalarKind::kFloat}, 0.0) == 0.5);
   EXPECT(read_scalar(ScalarArg{&two, ScalarKind::kDouble}, 0.0) == 2.0);
@@ -83,28 +102,22 @@ void test_scalar_args() {
   EXPECT(step_skipped(ScalarArg{&nan, ScalarKind::kFloat}));
 }
 
-// The one-pass step (kStep) equals the update pass followed by the perturbation, and the
-// sum-of-squares pass writes nothing.
+// The read-only pass gives kStep's direction and writes nothing; kStep follows the algorithm.
 void test_passes_agree() {
   const MsamSgdStep<double> step{0.1, 1e-3, 0.9};
   const PassCoefs<double> k{0.25, -0.75, 2.0, true};  // coef_old, -coef_new, grad_scale
   double g[2] = {0.3, -1.2};
   double p_step[2] = {1.0, -2.0}, v_step[2] = {0.5, 0.1};
-  double p_update[2] = {1.0, -2.0}, v_update[2] = {0.5, 0.1};
   double p_read[2] = {1.0, -2.0}, v_read[2] = {0.5, 0.1};
   for (int i = 0; i < 2; ++i) {
-    const auto sq = msam_sgd_element<Pass::kSumOfSquares, true, false>(
+    const auto read = msam_sgd_element<Pass::kPartials, true, false>(
         MsamSgdRow<double>{p_read, g, v_read, nullptr}, i, step, k);
     msam_sgd_element<Pass::kStep, true, false>(MsamSgdRow<double>{p_step, g, v_step, nullptr}, i, step, k);
-    const auto up = msam_sgd_element<Pass::kUpdate, true, false>(
-        MsamSgdRow<double>{p_update, g, v_update, nullptr}, i, step, k);
-    EXPECT(sq.direction == up.direction && sq.nonfinite == 0.0);
-    const double v_new = 0.9 * (i == 0 ? 0.5 : 0.1) + (g[i] / 2.0 + 1e-3 * (i == 0 ? 1.0 : -2.0));
-    EXPECT(near(v_update[i], v_new) && v_update[i] == v_step[i]);
-    const double w = (i == 0 ? 1.0 : -2.0) + 0.25 * (i == 0 ? 0.5 : 0.1) - 0.1 * v_new;
-    EXPECT(near(p_update[i], w));
-    perturb_element<false>(PerturbRow<double>{p_update, v_update, nullptr}, i, -0.75);
-    EXPECT(p_update[i] == p_step[i]);
+    EXPECT(read.direction == v_step[i] && read.nonfinite == 0.0);
+    const double p0 = i == 0 ? 1.0 : -2.0, v0 = i == 0 ? 0.5 : 0.1;
+    const double v_new = 0.9 * v0 + (g[i] / 2.0 + 1e-3 * p0);
+    EXPECT(near(v_step[i], v_new));
+    EXPECT(near(p_step[i], ((p0 + 0.25 * v0) - 0.1 * v_new) - 0.75 * v_new));
   }
   EXPECT(p_read[0] == 1.0 && v_read[1] == 0.1);
 }
@@ -192,7 +205,9 @@ void test_segments() {
   TensorTable table;
   table.width = 1;
   table.numels = {5, 0, 1, 12};
-  table.ptrs = {nullptr, nullptr, nullptr, nullptr};
+  int64_t data[4];
+  table.ptrs = {&data[0], nullptr, &data[1], &data[2]};  // data[1] is 8 bytes off data[0]
+  table.aligned16 = {true, false, false, true};
   const std::vector<Segment> s = table.segments(4);
   // row 0: [0,4) [4,5); row 1 is empty; row 2: [0,1); row 3: [0,4) [4,8) [8,12)
   EXPECT(s.size() == 6);
@@ -200,13 +215,27 @@ void test_segments() {
   EXPECT(s[1].row == 0 && s[1].begin == 4 && s[1].end == 5);
   EXPECT(s[2].row == 2 && s[2].end == 1);
   EXPECT(s[5].row == 3 && s[5].begin == 8 && s[5].end == 12);
-  EXPECT(ordered_sum({1.0, 2.0, 3.0}) == 6.0);
+  EXPECT(table.segment_count(4) == 6);
+
+  // The CUDA table: per row pointer, numel, flags; then each row's first segment and the count.
+  const std::vector<int64_t> words = table.device_words(4);
+  const int64_t w = cuda::row_words(table.width);
+  EXPECT(words.size() == static_cast<size_t>(4 * w + 5) && words.back() == 6);
+  EXPECT(words[0] == reinterpret_cast<int64_t>(&data[0]) && words[1] == 5 && words[2] == cuda::kRowAligned);
+  EXPECT(words[w] == 0 && words[w + 2] == 0);  // the empty row: no pointer, not aligned
+  // Each segment (CUDA block) finds the row that owns it, skipping the empty row.
+  const int64_t* first = words.data() + 4 * w;
+  for (int64_t block = 0; block < 6; ++block) {
+    const int64_t row = cuda::row_of_segment(first, 4, block);
+    EXPECT(row == s[block].row && (block - first[row]) * 4 == s[block].begin);
+  }
 }
 
 }  // namespace
 
 int main() {
   test_msam_sgd_step();
+  test_msam_sgd_step_from_hyper();
   test_overlapped_step();
   test_adamw_msam_step();
   test_perturbation_and_sam();

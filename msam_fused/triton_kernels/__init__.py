@@ -41,50 +41,103 @@ def unavailable_reason(device) -> Optional[str]:
     return None
 
 
-def msam_sgd_update_(params, grads, momenta, masters, *, lr, weight_decay, momentum, coef,
-                     norm_dtype, grad_scale=None, found_inf=None) -> Tensor:
-    def update(indices, with_masters):
-        return ops.msam_sgd_update_(
-            [params[i] for i in indices], [grads[i] for i in indices],
-            [momenta[i] for i in indices], [masters[i] for i in indices] if with_masters else [],
-            lr, weight_decay, momentum, coef, norm_dtype, grad_scale, found_inf)
-    return _per_master_kind(masters, update)
+capabilities: frozenset[str] = frozenset({"stash"})
 
 
-def adamw_msam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, lr, beta1, beta2,
-                       eps, weight_decay, coef, norm_dtype, grad_scale=None, found_inf=None) -> Tensor:
-    def update(indices, with_masters):
-        return ops.adamw_msam_update_(
-            [params[i] for i in indices], [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices],
-            [steps[i] for i in indices], [masters[i] for i in indices] if with_masters else [],
-            lr, beta1, beta2, eps, weight_decay, coef, norm_dtype, grad_scale, found_inf)
-    return _per_master_kind(masters, update)
+def segment_count(numel: int, device) -> int:
+    """Rows of partial sums a tensor of ``numel`` elements contributes: one per segment of
+    ``kernels.CHUNK`` elements (0 for an empty tensor)."""
+    return ops.segment_count(numel)
 
 
-def _per_master_kind(masters: Sequence[Optional[Tensor]], update) -> Tensor:
-    """Run ``update(indices, with_masters)`` for the parameters with and those without a
-    master copy (a bucket normally has only one kind) and add their sums of squares."""
-    with_master = [i for i, m in enumerate(masters) if m is not None]
-    without = [i for i, m in enumerate(masters) if m is None]
-    sums = [update(idx, kind) for idx, kind in ((without, False), (with_master, True)) if idx]
-    return sums[0] if len(sums) == 1 else sums[0] + sums[1]
+def _fused_only(where: str, perturbations) -> None:
+    """The adaptive variant is the reference's alone (``coef_old`` matters only with it)."""
+    if perturbations is not None:
+        raise NotImplementedError(f"{where}: the adaptive perturbation (perturbations=...) is "
+                                  "implemented by the reference backend only")
+
+
+def msam_sgd_partials(params, grads, momenta, masters, *, hyper, norm_dtype, grad_scale=None,
+                      coef_old=None, perturbations=None) -> Tensor:
+    _fused_only("msam_sgd_partials", perturbations)
+    return ops.msam_sgd_partials(list(params), list(grads), list(momenta), hyper, norm_dtype,
+                                 grad_scale)
+
+
+def adamw_msam_partials(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, hyper, norm_dtype,
+                        grad_scale=None, coef_old=None, perturbations=None) -> Tensor:
+    _fused_only("adamw_msam_partials", perturbations)
+    return ops.adamw_msam_partials(list(params), list(grads), list(exp_avgs), hyper, norm_dtype,
+                                   grad_scale)
+
+
+def sum_segment_partials(partials: Tensor, norm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return ops.sum_segment_partials(partials, norm_dtype)
 
 
 def perturbation_coef(sum_of_squares, rho, coef_old, found_inf=None) -> Tensor:
+    if not isinstance(rho, Tensor):  # a fill on the device: no host-to-device copy
+        rho = torch.full((), rho, dtype=torch.float64, device=sum_of_squares.device)
     return ops.perturbation_coef(sum_of_squares, rho, coef_old, found_inf)
 
 
-def apply_perturbation_(params, directions, masters, *, coef, found_inf=None) -> None:
-    ops.apply_perturbation_(list(params), list(directions), list(masters), coef, found_inf)
+def msam_sgd_step_(params, grads, momenta, masters, *, hyper, coef_old, coef_new, grad_scale=None,
+                   found_inf=None, perturbations=None) -> None:
+    _fused_only("msam_sgd_step_", perturbations)
+
+    def step(indices, with_masters):
+        ops.msam_sgd_step_([params[i] for i in indices], [grads[i] for i in indices],
+                           [momenta[i] for i in indices],
+                           [masters[i] for i in indices] if with_masters else [],
+                           hyper, coef_old, coef_new, grad_scale, found_inf)
+    _per_master_kind(masters, step)
+
+
+def adamw_msam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, masters, *, hyper, coef_old,
+                     coef_new, grad_scale=None, found_inf=None, perturbations=None) -> None:
+    _fused_only("adamw_msam_step_", perturbations)
+
+    def step(indices, with_masters):
+        ops.adamw_msam_step_([params[i] for i in indices], [grads[i] for i in indices],
+                             [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices],
+                             [steps[i] for i in indices],
+                             [masters[i] for i in indices] if with_masters else [],
+                             hyper, coef_old, coef_new, grad_scale, found_inf)
+    _per_master_kind(masters, step)
+
+
+def _per_master_kind(masters: Sequence[Optional[Tensor]], run) -> None:
+    """``run(indices, with_masters)`` for the parameters without and those with a master
+    copy (a bucket normally has only one kind): the mutating ops take masters as a plain list,
+    since torch's auto-functionalization fails on a mutable ``Tensor?[]`` holding None."""
+    with_master = [i for i, m in enumerate(masters) if m is not None]
+    without = [i for i, m in enumerate(masters) if m is None]
+    for indices, kind in ((without, False), (with_master, True)):
+        if indices:
+            run(indices, kind)
+
+
+def msam_sgd_overlap_stash_(params, grads, momenta, *, hyper, norm_dtype, grad_scale=None) -> Tensor:
+    return ops.msam_sgd_overlap_stash_(list(params), list(grads), list(momenta), hyper, norm_dtype,
+                                       grad_scale)
+
+
+def msam_sgd_overlap_finish_(params, stashes, momenta, *, hyper, coef_old, coef_new,
+                             found_inf=None) -> None:
+    ops.msam_sgd_overlap_finish_(list(params), list(stashes), list(momenta), hyper, coef_old,
+                                 coef_new, found_inf)
+
+
+def apply_perturbation_(params, directions, masters, *, coef) -> None:
+    ops.perturb_(list(params), list(directions), list(masters), coef, -1)
 
 
 def remove_perturbation_(params, directions, masters, *, coef) -> None:
-    ops.remove_perturbation_(list(params), list(directions), list(masters), coef)
+    ops.perturb_(list(params), list(directions), list(masters), coef, 1)
 
 
-def sam_ascent_sum_of_squares(params, grads, *, adaptive, norm_dtype) -> Tensor:
-    return ops.sam_ascent_sum_of_squares(list(params), list(grads), adaptive, norm_dtype)
+def sam_ascent_partials(params, grads, *, adaptive, norm_dtype) -> Tensor:
+    return ops.sam_ascent_partials(list(params), list(grads), adaptive, norm_dtype)
 
 
 def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> None:
@@ -93,3 +146,6 @@ def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> N
 
 def sam_restore_(params, backups) -> None:
     ops.sam_restore_(list(params), list(backups))
+
+
+tune = ops.tune

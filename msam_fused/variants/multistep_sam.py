@@ -52,14 +52,14 @@ class MultiStepSAM(SAM):
     def _ascent_radius(self, group: dict) -> float:
         return group["rho"] / self.steps
 
-    def _ascent_directions(self, buckets, norm_device, norm_dtype, found_inf) -> list[tuple]:
+    def _ascent_directions(self, buckets, total, found_inf) -> list[tuple]:
         if self.norm == "l2":
-            return super()._ascent_directions(buckets, norm_device, norm_dtype, found_inf)
+            return super()._ascent_directions(buckets, total, found_inf)
         if any(group["adaptive"] for group, *_ in buckets):
             raise ValueError(f"{type(self).__name__}: a param group has adaptive=True, which the "
                              "L-infinity ascent does not define")
         return [(torch._foreach_sign(grads),
-                 torch.full((), self._ascent_radius(group), dtype=norm_dtype, device=norm_device))
+                 torch.full((), self._ascent_radius(group), dtype=total.dtype, device=total.device))
                 for group, _, _, grads, _ in buckets]
 
     @torch.no_grad()
