@@ -10,6 +10,9 @@ sets of a given total size split into a given number of tensors) it times one ``
   the step timed is what is left after backward (the *exposed* time), and the backward's extra
   time with the hidden pass is measured beside it,
 * SAM's perturbation and restore (``first_step`` + the return to ``w``, base step excluded),
+* SAM's whole optimizer part around ``SGD(fused=True)`` (ascent, return to ``w``, base step),
+  on every backend and written with torch's foreach ops (``sam[torch-foreach]``: the obvious
+  fast SAM, which returns to ``w`` by subtracting ``e``, not exactly),
 
 and reports the median and spread, the effective bandwidth (the minimal bytes the step must
 move, divided by its time), that bandwidth as a fraction of this device's copy bandwidth
@@ -52,10 +55,12 @@ MODEL_SETS = ("resnet50", "wrn-28-10", "wrn-16-4", "vit-s32")
 # same again to return (or, equally, write and read back a copy of p).
 # MSAM overlapped with backward, after backward (fp32/fp64): read p, v' and v_old (kept in the
 # gradient's memory), write p; bf16/fp16 parameters keep the plain one-pass step (as SGD).
+# SAM's whole optimizer part: read g1 for the norm, read p and g1 and write w + e while keeping
+# w, then SGD's step with g2.
 TRAFFIC = {"sgd": (2, 1, 2), "adamw": (2, 1, 4), "msam": (4, 1, 3), "adamw-msam": (4, 1, 5),
-           "sam-perturb-restore": (4, 3, 0), "msam-overlap": (2, 1, 1)}
+           "sam-perturb-restore": (4, 3, 0), "msam-overlap": (2, 1, 1), "sam": (4, 3, 2)}
 BASELINE = {"sgd": "sgd", "msam": "sgd", "sam-perturb-restore": "sgd", "adamw": "adamw",
-            "adamw-msam": "adamw", "msam-overlap": "sgd"}
+            "adamw-msam": "adamw", "msam-overlap": "sgd", "sam": "sgd"}
 
 
 @dataclass
@@ -94,6 +99,37 @@ def _sam_step(backend: str):
         def step():
             sam.first_step()
             sam.second_step()
+        return step
+    return make
+
+
+def _sam_sgd_step(backend: str, **sgd):
+    """SAM's optimizer part around ``SGD(fused=True)``: ``first_step`` and ``second_step`` with
+    the preset gradients as both ``g1`` and ``g2``."""
+    def make(params):
+        sam = msam_fused.SAM(params, torch.optim.SGD, rho=0.05, backend=backend, fused=True, **sgd)
+
+        def step():
+            sam.first_step()
+            sam.second_step()
+        return step
+    return make
+
+
+def _foreach_sam_sgd_step(**sgd):
+    """The same with torch's foreach ops: ``e = rho * g / ||g||`` formed in the gradients' memory
+    (as a SAM that owns ``g1`` would), ``p += e``, ``p -= e``, then fused SGD."""
+    def make(params):
+        sgd_step = torch.optim.SGD(params, fused=True, **sgd).step
+
+        @torch.no_grad()
+        def step():
+            grads = [p.grad for p in params]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, 0.05 / (norm + msam_fused.EPS_NORM))
+            torch._foreach_add_(params, grads)
+            torch._foreach_sub_(params, grads)
+            sgd_step()
         return step
     return make
 
@@ -150,10 +186,12 @@ def cases(device: torch.device) -> tuple[list[Case], dict]:
     for impl in ("for-loop", "foreach", "fused"):
         out.append(Case("sgd", f"torch-{impl}", _torch_step(torch.optim.SGD, impl, **sgd), False))
         out.append(Case("adamw", f"torch-{impl}", _torch_step(torch.optim.AdamW, impl, **adamw), False))
+    out.append(Case("sam", "torch-foreach", _foreach_sam_sgd_step(**sgd), False))
     for b in backends:
         out.append(Case("msam", b, lambda params, b=b: msam_fused.MSAM(params, rho=0.3, backend=b, **sgd).step, True))
         out.append(Case("adamw-msam", b, lambda params, b=b: msam_fused.AdamWMSAM(params, rho=1.0, backend=b, **adamw).step, True))
         out.append(Case("sam-perturb-restore", b, _sam_step(b), True))
+        out.append(Case("sam", b, _sam_sgd_step(b, **sgd), True))
         out.append(Case("msam-overlap", b, _overlapped_msam_step(b, **sgd), True))
     return out, {name: reason for name, reason in found.items() if reason}
 
@@ -397,13 +435,21 @@ def interleaved_times(steps: dict, repeats: int) -> dict:
 
 
 def add_ratios(rows: list) -> None:
-    """Each step's median time over the fastest torch.optim implementation of its base."""
+    """Each step's median time over the fastest torch.optim implementation of its base
+    (``vs_fastest_torch``) and, where the same algorithm is also written with torch's ops (SAM),
+    over that (``vs_torch_same_algorithm``)."""
+    def fastest_torch(algorithm):
+        times = [r["time_s"]["median"] for r in rows if "time_s" in r and r["impl"].startswith("torch-")
+                 and r["algorithm"] == algorithm]
+        return min(times) if times else None
+
     for row in rows:
         if "time_s" not in row:
             continue
-        base = [r["time_s"]["median"] for r in rows if "time_s" in r and r["impl"].startswith("torch-")
-                and r["algorithm"] == BASELINE[row["algorithm"]]]
-        row["vs_fastest_torch"] = row["time_s"]["median"] / min(base) if base else None
+        for key, algorithm in (("vs_fastest_torch", BASELINE[row["algorithm"]]),
+                               ("vs_torch_same_algorithm", row["algorithm"])):
+            base = fastest_torch(algorithm)
+            row[key] = row["time_s"]["median"] / base if base else None
 
 
 def plot(result: dict, path) -> None:

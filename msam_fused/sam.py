@@ -11,10 +11,15 @@ from torch.optim import Optimizer
 from msam_fused import backends, reference
 from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
-from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite, step_skip_flag
+from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite
 from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
                                    check_hyperparameter, describe_param, listed_params,
                                    with_plain_params)
+
+
+# How second_step() returns to w exactly: by handing each parameter its backup's storage (no
+# memory moved), or by copying the backup back (one read and one write of the parameters).
+RESTORE_MODES = ("swap", "copy")
 
 
 class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
@@ -51,8 +56,17 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     :func:`msam_fused.variants.perturbation_param_groups`); its ``g2`` still drives the step.
 
     Non-finite gradients (``nonfinite="skip"``): a non-finite ``g1`` or ``g2`` skips the
-    perturbation and the base step. With a base optimizer built with ``fused=True`` the skip
-    happens on the device; otherwise deciding it reads one flag on the host.
+    perturbation and the base step. With a base optimizer that takes ``grad_scale`` and
+    ``found_inf`` (torch's ``fused=True`` optimizers) the skip happens on the device, with no
+    host sync; any other base optimizer cannot be told to skip on the device, so deciding it
+    reads one flag on the host per step.
+
+    ``restore`` (how :meth:`second_step` returns to ``w``, exactly either way): ``"swap"``
+    (default) hands each parameter the storage of its backup, which holds ``w``, and keeps the
+    parameter's old storage as the next backup, so no memory moves; parameters that share
+    their storage (views into a flat buffer, shards) and steps inside a CUDA graph capture are
+    copied instead. Code that remembers the parameters' memory addresses across steps (CUDA
+    graphs of the model's forward/backward made outside this optimizer) needs ``"copy"``.
 
     Distributed: under DDP use :func:`msam_fused.distributed.sam_step`, which runs the ascent
     pass locally per rank (the default) or globally synchronised. With DTensor parameters
@@ -62,7 +76,8 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False, *,
-                 backend: str = "auto", nonfinite: str = "skip", **base_kwargs: Any):
+                 backend: str = "auto", nonfinite: str = "skip", restore: str = "swap",
+                 **base_kwargs: Any):
         if isinstance(base_optimizer, Optimizer) or not callable(base_optimizer):
             raise TypeError("SAM: base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(its arguments go to SAM as keywords), got {base_optimizer!r}")
@@ -71,9 +86,12 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         if backend not in backends.BACKEND_NAMES:
             raise ValueError(f"SAM: unknown backend {backend!r}; choose one of "
                              f"{', '.join(backends.BACKEND_NAMES)}")
+        if restore not in RESTORE_MODES:
+            raise ValueError(f"SAM: unknown restore {restore!r}; choose one of {', '.join(RESTORE_MODES)}")
         self.base_optimizer = base_optimizer(params, **base_kwargs)
         self.backend_request = backend
         self.nonfinite = nonfinite
+        self.restore = restore
         self._backends: dict[torch.device, Any] = {}
         self._backups: dict[Tensor, Tensor] = {}
         self._pending: Optional[tuple] = None
@@ -280,10 +298,28 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         """Back to ``w``, then :meth:`_descend`; returns the step's skip flag."""
         perturbed, first_inf = self._pending
         for device, params in perturbed:
-            self._backends[device].sam_restore_(self._locals(params),
-                                                [self._backups[p] for p in params])
+            copied = self._swap_in_backups(params)
+            if copied:
+                self._backends[device].sam_restore_(self._locals(copied), [self._backups[p] for p in copied])
         self._pending = None
         return self._descend(f"{type(self).__name__}.second_step", first_inf)
+
+    def _swap_in_backups(self, params: list) -> list:
+        """The exact return to ``w`` without moving memory (``restore="swap"``): each parameter
+        takes its backup's storage (which holds ``w``), and its old storage (``w + e``) becomes
+        the next step's backup. Returns the parameters that must be copied back instead: all of
+        them with ``restore="copy"``, and those whose storage is not theirs alone (views, flat
+        buffers, shards) or while a CUDA graph is being captured (the graph holds addresses)."""
+        if self.restore == "copy" or self._sharding is not None or _capturing(params):
+            return params
+        copied = []
+        for p in params:
+            backup = self._backups[p]
+            if _owns_storage(p) and _owns_storage(backup) and backup.stride() == p.stride():
+                self._backups[p], p.data = p.data, backup
+            else:
+                copied.append(p)
+        return copied
 
     def _descend(self, where: str, first_inf: Optional[Tensor]) -> Optional[Tensor]:
         """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
@@ -291,14 +327,39 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
                   describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
-        device = grads[0][0].device if grads else None
-        second_inf = step_skip_flag(self.nonfinite, where, [g for g, _ in grads],
-                                    [w for _, w in grads], device, getattr(self, "found_inf", None),
-                                    all_ranks=self._sharding) if grads else None
+        scaler_found_inf = getattr(self, "found_inf", None)
+        second_inf = None
+        if grads and scaler_found_inf is None:
+            second_inf = self._nonfinite_flag(where, grads)
+        elif scaler_found_inf is not None:
+            second_inf = scaler_found_inf if self._sharding is None else self._sharding.any(scaler_found_inf)
         found_inf = _either(first_inf, second_inf)
         self._base_step(found_inf, getattr(self, "grad_scale", None), [g for g, _ in grads])
         self._count_skipped(found_inf)
         return found_inf
+
+    def _nonfinite_flag(self, where: str, labelled: list) -> Optional[Tensor]:
+        """Whether any of the gradients ``g2`` holds inf or NaN, from the non-finite markers of
+        the backends' read-only pass (one read of ``g2``, fused, no host sync); ``None`` when
+        ``nonfinite="raise"`` found them finite (that reads the flag on the host)."""
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for g, _ in labelled:
+            if g.numel():
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
+        device = labelled[0][0].device
+        flag = torch.zeros((), dtype=torch.bool, device=device)
+        for (where_on, dtype), grads in by_kind.items():
+            backend = self._backend_on(where_on)
+            norm_dtype = reference.norm_dtype([dtype])
+            partials = backend.sam_ascent_partials(grads, grads, adaptive=False, norm_dtype=norm_dtype)
+            flag = flag | backend.sum_segment_partials(partials, norm_dtype)[1].to(device, non_blocking=True)
+        if self._sharding is not None:
+            flag = self._sharding.any(flag)
+        if self.nonfinite == "skip":
+            return flag
+        if bool(flag):
+            raise_nonfinite(where, labelled)
+        return None
 
     def _base_step(self, found_inf: Optional[Tensor], grad_scale: Optional[Tensor], grads: list) -> None:
         base = self.base_optimizer
@@ -404,3 +465,14 @@ def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     if a is None or b is None:
         return a if b is None else b
     return (a != 0) | (b.to(a.device) != 0)
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """``t`` is the only tensor over all of its storage (not a view into a larger buffer), so
+    handing its storage to another tensor changes nothing else."""
+    return (t.storage_offset() == 0 and t._base is None
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _capturing(params: list) -> bool:
+    return bool(params) and params[0].is_cuda and torch.cuda.is_current_stream_capturing()
