@@ -480,7 +480,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
-    p.add_argument("--only", help="time only the cases whose label contains this text")
+    p.add_argument("--only", help="time only the cases whose label contains one of these "
+                                  "comma-separated texts (e.g. 'sam[,sgd[torch-fused]')")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip launch counts")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--out", help="JSON path (the PNG goes beside it); default runs/micro-<machine>.json")
@@ -502,7 +503,8 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     all_cases, unavailable = cases(device)
     if args.only:
-        all_cases = [c for c in all_cases if args.only in c.label]
+        wanted = args.only.split(",")
+        all_cases = [c for c in all_cases if any(text in c.label for text in wanted)]
     copy_numel = 64 << 20  # 256 MiB each way: larger than any cache
     copy_bps = copy_bandwidth(device, copy_numel, args.warmup, max(args.repeats, 10))
     print(f"copy bandwidth: {copy_bps / 1e9:.2f} GB/s; unavailable backends: "
