@@ -108,7 +108,7 @@ class _Bucket:
     hypers: Optional[tuple] = None  # (momentum, weight_decay) the hidden pass used
     sums: Optional[tuple] = None    # (sum of squares, non-finite flag)
     ready: Optional[tuple] = None   # (grads or stashes, partials, stashed) of the present rows
-    indices: dict = field(default_factory=dict)  # segment_rows' index tensors
+    indices: dict = field(default_factory=dict)  # segment_rows' (index tensor, its host source)
 
     def reset(self) -> None:
         total = self.starts[-1] + self.counts[-1] if self.params else 0
@@ -126,9 +126,14 @@ class _Bucket:
             return slice(self.starts[rows[0]], self.starts[rows[-1]] + self.counts[rows[-1]])
         key = tuple(rows)
         if key not in self.indices:
-            self.indices[key] = torch.cat([torch.arange(self.starts[r], self.starts[r] + self.counts[r])
-                                           for r in rows]).to(self.params[0].device)
-        return self.indices[key]
+            index = torch.cat([torch.arange(self.starts[r], self.starts[r] + self.counts[r]) for r in rows])
+            device = self.params[0].device
+            if device.type == "cuda":
+                # This runs inside backward: a copy from pageable memory would block the host.
+                # The pinned source stays referenced beside its copy until the copy is done.
+                index = index.pin_memory()
+            self.indices[key] = (index.to(device, non_blocking=True), index)
+        return self.indices[key][0]
 
 
 @dataclass
