@@ -17,7 +17,10 @@ import msam_fused
 
 pytest.importorskip("triton", reason="the triton backend needs triton")
 
-FILES = ["test_triton_ops.py", "test_triton_optimizers.py"]
+# The Triton files, and the Triton cases of the tensor hyper-parameter test (``-k triton``
+# selects every test of the Triton files by their module names).
+FILES = ["test_triton_ops.py", "test_triton_optimizers.py",
+         "test_tensor_hyperparameters.py::test_tensor_lr_and_rho_follow_the_float_trajectory"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(msam_fused.__file__)))
 
@@ -25,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(msam_fused.__file__)))
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted")
 def test_triton_suite_passes_under_the_interpreter(request):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-           *[os.path.join(HERE, f) for f in FILES]]
+           *[os.path.join(HERE, f) for f in FILES], "-k", "triton"]
     markexpr = request.config.getoption("markexpr")
     if markexpr:
         cmd += ["-m", markexpr]
