@@ -475,7 +475,8 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="small sets and few repeats (minutes on a CPU)")
     p.add_argument("--param-sets", help=f"comma-separated, from {', '.join(MODEL_SETS)}; "
                    "'none' for the synthetic sweep alone")
-    p.add_argument("--sweep-totals", help="synthetic sets: total elements, comma-separated (e.g. 1M,16M)")
+    p.add_argument("--sweep-totals", help="synthetic sets: total elements, comma-separated (e.g. 1M,16M); "
+                   "'none' for the model sets alone")
     p.add_argument("--sweep-tensors", help="synthetic sets: numbers of tensors, comma-separated")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--warmup", type=int)
@@ -527,6 +528,8 @@ def main(argv=None) -> dict:
 
 
 def _sizes(parser, text: str, default: str) -> list:
+    if text == "none":
+        return []
     out = []
     for item in (text or default).split(","):
         item = item.strip()

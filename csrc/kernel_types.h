@@ -42,8 +42,8 @@ struct AdamwMsamColumns {
 struct PerturbColumns {
   enum { kParam, kDirection, kMaster, kWidth };
 };
-struct SamColumns {  // backups only for the ascent itself
-  enum { kParam, kGrad, kBackup, kWidth };
+struct SamColumns {  // outs only for the ascent itself
+  enum { kParam, kGrad, kOut, kWidth };
 };
 
 // AdamW's per-tensor scalars at step count t: lr / (1 - beta1^t) and sqrt(1 - beta2^t).

@@ -159,23 +159,23 @@ SamArgs sam_partials_args(TensorList params, TensorList grads, bool adaptive) {
   const char* op = "sam_ascent_partials";
   TableBuilder b(op,
                  {{"params", Role::kParam, false}, {"grads", Role::kLikeParam, false},
-                  {"backups", Role::kLikeParam, false}},
+                  {"outs", Role::kLikeParam, false}},
                  first_param(op, params));
   check_lengths(b, params.size(), "grads", grads.size(), false);
   for (size_t i = 0; i < params.size(); ++i) b.add_row(i, {&params[i], &grads[i], &kAbsent});
   return {{}, b.finish(), adaptive, {}, {}};
 }
 
-SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
+SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList outs,
                         const at::Tensor& scale, bool adaptive, const OptionalTensor& found_inf) {
   const char* op = "sam_ascent_";
   TableBuilder b(op,
-                 {{"params", Role::kParam, true}, {"grads", Role::kLikeParam, false},
-                  {"backups", Role::kLikeParam, true}},
+                 {{"params", Role::kParam, false}, {"grads", Role::kLikeParam, false},
+                  {"outs", Role::kLikeParam, true}},
                  first_param(op, params));
   check_lengths(b, params.size(), "grads", grads.size(), false);
-  check_lengths(b, params.size(), "backups", backups.size(), false);
-  for (size_t i = 0; i < params.size(); ++i) b.add_row(i, {&params[i], &grads[i], &backups[i]});
+  check_lengths(b, params.size(), "outs", outs.size(), false);
+  for (size_t i = 0; i < params.size(); ++i) b.add_row(i, {&params[i], &grads[i], &outs[i]});
   SamArgs args{{}, b.finish(), adaptive, {}, {}};
   args.scale = b.scalar("scale", scale, false);
   args.found_inf = b.scalar("found_inf", found_inf, true);

@@ -55,7 +55,7 @@ struct SamArgs : SamColumns {
   ScalarArg scale, found_inf;
 };
 SamArgs sam_partials_args(TensorList params, TensorList grads, bool adaptive);
-SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList backups,
+SamArgs sam_ascent_args(TensorList params, TensorList grads, TensorList outs,
                         const at::Tensor& scale, bool adaptive, const OptionalTensor& found_inf);
 
 // norm_dtype of the passes that return partials: float32 or float64.

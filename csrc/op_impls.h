@@ -100,9 +100,9 @@ struct OpImpls {
     return run(a, Device::sam_partials(a));
   }
 
-  static void sam_ascent(TensorList params, TensorList grads, TensorList backups, const at::Tensor& scale,
+  static void sam_ascent(TensorList params, TensorList grads, TensorList outs, const at::Tensor& scale,
                          bool adaptive, const OptionalTensor& found_inf) {
-    SamArgs a = sam_ascent_args(params, grads, backups, scale, adaptive, found_inf);
+    SamArgs a = sam_ascent_args(params, grads, outs, scale, adaptive, found_inf);
     Device::sam_ascent(a);
     a.table.write_back();
   }

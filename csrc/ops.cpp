@@ -64,10 +64,10 @@ TORCH_LIBRARY(msam_fused, m) {
   // removes it.
   m.def("perturb_(Tensor(a!)[] params, Tensor[] directions, Tensor[] masters, Tensor coef, float alpha) -> ()");
   // SAM: the partials of g (adaptive: |w| * g) with g's non-finite markers, and the ascent
-  // w -> w + e with w saved.
+  // outs = w + e from w = params (outs = w exactly when found_inf is set); outs may be params.
   m.def("sam_ascent_partials(Tensor[] params, Tensor[] grads, bool adaptive, ScalarType norm_dtype) -> Tensor");
   m.def(
-      "sam_ascent_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scale, "
+      "sam_ascent_(Tensor[] params, Tensor[] grads, Tensor(a!)[] outs, Tensor scale, "
       "bool adaptive, Tensor? found_inf=None) -> ()");
   // Elements per segment of the kernels for a device type ("cpu" or "cuda").
   m.def("segment_length(Device device) -> int", &msam_fused::segment_length);

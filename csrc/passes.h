@@ -100,9 +100,9 @@ struct PerturbRow {
 
 template <typename P>
 struct SamRow {
-  P* p;
+  P* p;  // only read, but not const: out may be p, and CUDA reads const rows through the read-only cache
   const P* g;
-  P* backup;
+  P* out;  // the ascent's destination: a spare buffer, or p itself
 };
 
 template <Pass kPass, bool kHasGrad, bool kHasMaster, typename T, typename P, typename G>
@@ -231,11 +231,16 @@ MSAM_HD Terms<T> sam_norm_element(const SamRow<P>& r, int64_t i, bool adaptive) 
   return {sam_norm_term(A::load(r.p + i), g, adaptive), nonfinite_marker(g)};
 }
 
-// SAM's ascent from w = params: params = w + e. The backup copy is the caller's (bit-exact).
+// SAM's ascent from w = params: w + e, into out.
+template <typename T, typename P>
+MSAM_HD T sam_ascended(const SamRow<P>& r, int64_t i, const T& scale, bool adaptive) {
+  using A = Access<T>;
+  return sam_ascent(A::load(r.p + i), A::load(r.g + i), scale, adaptive);
+}
+
 template <typename T, typename P>
 MSAM_HD void sam_ascent_element(const SamRow<P>& r, int64_t i, const T& scale, bool adaptive) {
-  using A = Access<T>;
-  A::store(r.p + i, sam_ascent(A::load(r.p + i), A::load(r.g + i), scale, adaptive));
+  Access<T>::store(r.out + i, sam_ascended<T>(r, i, scale, adaptive));
 }
 
 }  // namespace MSAM_ARITH_NAMESPACE

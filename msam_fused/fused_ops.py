@@ -152,8 +152,8 @@ def sam_ascent_partials(params, grads, *, adaptive, norm_dtype) -> Tensor:
     return torch.ops.msam_fused.sam_ascent_partials(list(params), list(grads), adaptive, norm_dtype)
 
 
-def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> None:
-    torch.ops.msam_fused.sam_ascent_(list(params), list(grads), list(backups), scale, adaptive, found_inf)
+def sam_ascent_(params, grads, outs, *, scale, adaptive, found_inf=None) -> None:
+    torch.ops.msam_fused.sam_ascent_(list(params), list(grads), list(outs), scale, adaptive, found_inf)
 
 
 def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
@@ -262,5 +262,5 @@ if _LOAD_ERROR is None:
         return _fake_partials(params)
 
     @torch.library.register_fake("msam_fused::sam_ascent_")
-    def _(params, grads, backups, scale, adaptive, found_inf=None):
-        _check_lists("sam_ascent_", params, grads=grads, backups=backups)
+    def _(params, grads, outs, scale, adaptive, found_inf=None):
+        _check_lists("sam_ascent_", params, grads=grads, outs=outs)

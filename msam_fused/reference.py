@@ -457,26 +457,28 @@ def sam_ascent_partials(
 def sam_ascent_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    backups: Sequence[Tensor],
+    outs: Sequence[Tensor],
     *,
     scale: Tensor,
     adaptive: bool,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    """SAM's ascent: remember ``w`` in ``backups``, then ``p = w + e`` with
-    ``e = scale * g`` (or ``scale * w**2 * g`` when adaptive) and ``scale = rho / ||.||``.
+    """SAM's ascent from ``w = params`` (only read): ``outs = w + e`` with
+    ``e = scale * g`` (or ``scale * w**2 * g`` when adaptive) and ``scale = rho / ||.||``;
+    ``outs = w`` bit for bit when ``found_inf`` is set.
 
-    Restoring copies the backup back, so the return to ``w`` is exact bit for bit.
+    An out may be its parameter itself (the ascent in place; a skipped step then changes
+    nothing). Into a spare buffer, ``w`` stays where it is, so the return to it is exact.
     """
     skip = _skip_mask(found_inf, params[0].device)
-    for p, g, backup in zip(params, grads, backups):
+    for p, g, out in zip(params, grads, outs):
         cd = compute_dtype(p.dtype)
-        backup.copy_(p)
         w = p.to(cd)
         e = scale.to(cd) * g.to(cd)
         if adaptive:
             e = e * w * w
-        _commit_(p, w + e, skip)
+        new = (w + e).to(out.dtype)
+        out.copy_(new if skip is None else torch.where(skip, p, new))
 
 
 def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

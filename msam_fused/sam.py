@@ -61,12 +61,14 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     host sync; any other base optimizer cannot be told to skip on the device, so deciding it
     reads one flag on the host per step.
 
-    ``restore`` (how :meth:`second_step` returns to ``w``, exactly either way): ``"swap"``
-    (default) hands each parameter the storage of its backup, which holds ``w``, and keeps the
-    parameter's old storage as the next backup, so no memory moves; parameters that share
-    their storage (views into a flat buffer, shards) and steps inside a CUDA graph capture are
-    copied instead. Code that remembers the parameters' memory addresses across steps (CUDA
-    graphs of the model's forward/backward made outside this optimizer) needs ``"copy"``.
+    ``restore`` (how ``w`` is kept and returned to, exactly either way): ``"swap"`` (default)
+    writes ``w + e`` into a spare buffer of the parameter's shape, and parameter and buffer
+    trade storage: the parameter holds ``w + e``, the buffer ``w``; :meth:`second_step` trades
+    them back, so ``w`` is never copied. ``"copy"`` copies ``w`` aside and back; parameters
+    that share their storage (views into a flat buffer, shards) and steps inside a CUDA graph
+    capture are always copied. Code that remembers the parameters' memory addresses across
+    steps (CUDA graphs of the model's forward/backward made outside this optimizer) needs
+    ``"copy"``.
 
     Distributed: under DDP use :func:`msam_fused.distributed.sam_step`, which runs the ascent
     pass locally per rank (the default) or globally synchronised. With DTensor parameters
@@ -191,7 +193,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         where = f"{type(self).__name__}.first_step"
         if self._pending is not None:
             raise RuntimeError(f"{where}() was called twice; call second_step() in between")
-        self._pending = self._ascend(where, self._backup_of, local_ascent_group)
+        self._pending = self._ascend(where, True, local_ascent_group)
         if zero_grad:
             self.zero_grad()
 
@@ -208,10 +210,12 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             all_ranks.check_alive(where)
         return all_ranks
 
-    def _ascend(self, where: str, backup_of, local_ascent_group: Any = None) -> tuple[list, Optional[Tensor]]:
+    def _ascend(self, where: str, from_w: bool, local_ascent_group: Any = None) -> tuple[list, Optional[Tensor]]:
         """One ascent from where the parameters are, along the gradients now in ``.grad``:
-        ``p += scale * direction`` per bucket (:meth:`_ascent_directions`), after
-        ``backup_of(p)`` received ``p``. Returns the moved (device, params) and the skip flag."""
+        ``p + scale * direction`` per bucket (:meth:`_ascent_directions`). From ``w`` (the first
+        ascent of a step), ``w`` is kept for the return (:meth:`_ascent_outs`); later ascents
+        (MultiStepSAM's) move the parameters in place. Returns the moved (device, params,
+        swapped: which of them hold their backup's storage) and the skip flag."""
         all_ranks = self._ascent_ranks(where, local_ascent_group)
         buckets, labelled = self._buckets(where)
         if not buckets:
@@ -221,13 +225,17 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         norm_dtype = reference.norm_dtype(p.dtype for b in buckets for p in b[2])
         total, found_inf = self._ascent_norm(where, buckets, norm_device, norm_dtype, labelled, all_ranks)
         ascents = self._ascent_directions(buckets, total, found_inf)
+        moved = []
         for (group, device, params, _, _), (directions, scale) in zip(buckets, ascents):
-            backups = [backup_of(p) for p in params]
+            swapped = self._swaps(params) if from_w else [False] * len(params)
             self._backends[device].sam_ascent_(
-                self._locals(params), directions, backups, scale=scale.to(device, non_blocking=True),
-                adaptive=group["adaptive"],
+                self._locals(params), directions, self._ascent_outs(params, swapped, from_w),
+                scale=scale.to(device, non_blocking=True), adaptive=group["adaptive"],
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
-        return [(device, params) for _, device, params, _, _ in buckets], found_inf
+            for p in _picked(params, swapped):
+                self._trade_storage(p)
+            moved.append((device, params, swapped))
+        return moved, found_inf
 
     def _ascent_norm(self, where: str, buckets: list, norm_device: torch.device, norm_dtype: torch.dtype,
                      labelled: list, all_ranks) -> tuple[Tensor, Optional[Tensor]]:
@@ -272,16 +280,26 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         return params if self._sharding is None else [sharding.local(p) for p in params]
 
     def _backup_of(self, p: Tensor) -> Tensor:
-        """Where ``w`` of ``p`` (of its local shard) is kept during the second pass."""
-        return self._buffer_in(self._backups, p)
-
-    def _buffer_in(self, buffers: dict, p: Tensor) -> Tensor:
-        """``buffers[p]``: a reusable tensor like ``p`` (like its local shard)."""
+        """Where ``w`` of ``p`` (of its local shard) is kept during the second pass: a
+        reusable tensor like ``p`` (like its local shard)."""
         x = p if self._sharding is None else sharding.local(p)
-        buffer = buffers.get(p)
-        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
-            buffer = buffers[p] = torch.empty_like(x, memory_format=torch.preserve_format)
-        return buffer
+        backup = self._backups.get(p)
+        if backup is None or backup.shape != x.shape or backup.dtype != x.dtype:
+            backup = self._backups[p] = torch.empty_like(x, memory_format=torch.preserve_format)
+        return backup
+
+    def _ascent_outs(self, params: list, swapped: list, from_w: bool) -> list:
+        """Where the ascent writes ``w + e``: a parameter that swaps, into its backup's memory
+        (``w`` is only read, and the two then trade storage); any other, in place, after ``w``
+        was copied into its backup. Later ascents: in place."""
+        locals_ = self._locals(params)
+        if not from_w:
+            return locals_
+        backups = [self._backup_of(p) for p in params]
+        kept = [not s for s in swapped]
+        if any(kept):
+            torch._foreach_copy_(_picked(backups, kept), _picked(locals_, kept))
+        return [b if s else x for b, x, s in zip(backups, locals_, swapped)]
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``w`` exactly and take the base optimizer's step with the new gradients.
@@ -297,29 +315,28 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
     def _finish_step(self) -> Optional[Tensor]:
         """Back to ``w``, then :meth:`_descend`; returns the step's skip flag."""
         perturbed, first_inf = self._pending
-        for device, params in perturbed:
-            copied = self._swap_in_backups(params)
+        for device, params, swapped in perturbed:
+            for p in _picked(params, swapped):
+                self._trade_storage(p)
+            copied = _picked(params, [not s for s in swapped])
             if copied:
                 self._backends[device].sam_restore_(self._locals(copied), [self._backups[p] for p in copied])
         self._pending = None
         return self._descend(f"{type(self).__name__}.second_step", first_inf)
 
-    def _swap_in_backups(self, params: list) -> list:
-        """The exact return to ``w`` without moving memory (``restore="swap"``): each parameter
-        takes its backup's storage (which holds ``w``), and its old storage (``w + e``) becomes
-        the next step's backup. Returns the parameters that must be copied back instead: all of
-        them with ``restore="copy"``, and those whose storage is not theirs alone (views, flat
-        buffers, shards) or while a CUDA graph is being captured (the graph holds addresses)."""
+    def _swaps(self, params: list) -> list[bool]:
+        """Which parameters keep ``w`` without copying it (``restore="swap"``): the ascent writes
+        ``w + e`` into the backup's memory and parameter and backup trade storage; after the
+        second pass they trade back. Not those whose storage is not theirs alone (views, flat
+        buffers, shards), none with ``restore="copy"`` or while a CUDA graph is being captured
+        (the graph holds addresses): these copy ``w`` into the backup and back."""
         if self.restore == "copy" or self._sharding is not None or _capturing(params):
-            return params
-        copied = []
-        for p in params:
-            backup = self._backups[p]
-            if _owns_storage(p) and _owns_storage(backup) and backup.stride() == p.stride():
-                self._backups[p], p.data = p.data, backup
-            else:
-                copied.append(p)
-        return copied
+            return [False] * len(params)
+        backups = [self._backup_of(p) for p in params]
+        return [_owns_storage(p) and _owns_storage(b) and b.stride() == p.stride() for p, b in zip(params, backups)]
+
+    def _trade_storage(self, p: Tensor) -> None:
+        self._backups[p], p.data = p.data, self._backups[p]
 
     def _descend(self, where: str, first_inf: Optional[Tensor]) -> Optional[Tensor]:
         """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
@@ -472,6 +489,10 @@ def _owns_storage(t: Tensor) -> bool:
     handing its storage to another tensor changes nothing else."""
     return (t.storage_offset() == 0 and t._base is None
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _picked(items: list, which: list) -> list:
+    return [x for x, w in zip(items, which) if w]
 
 
 def _capturing(params: list) -> bool:

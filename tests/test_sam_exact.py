@@ -45,17 +45,18 @@ def test_grad_scaler_skips_equal_the_plain_loop(backend, base):
     assert compare_with_plain_loop(backend, cls, kwargs, scaler=True) <= BOUND
 
 
-def test_swap_hands_the_backup_storage_to_the_parameter():
+def test_swap_trades_storage_with_the_backup_and_back():
     p = torch.randn(5, dtype=torch.float64, requires_grad=True)
     sam = msam_fused.SAM([p], torch.optim.SGD, lr=0.1, backend="cpu")
     p.grad = torch.randn(5, dtype=torch.float64)
     w = p.detach().clone()
-    storage_before = p.data_ptr()
+    storage_at_w = p.data_ptr()
     sam.first_step(zero_grad=True)
+    assert p.data_ptr() != storage_at_w  # w + e went to the spare buffer, which p took
     p.grad = torch.randn(5, dtype=torch.float64)
     g2 = p.grad.clone()
     sam.second_step()
-    assert p.data_ptr() != storage_before  # w came back by a storage swap, not a copy
+    assert p.data_ptr() == storage_at_w  # back to w by trading storage again, not a copy
     assert torch.equal(p.detach(), w.add(g2, alpha=-0.1))  # what SGD does from w
 
 

@@ -473,28 +473,39 @@ def test_perturbation_coef(found_inf, norm_dtype, rho):
 # ----------------------------------------------------------------------------------- SAM
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["", "adaptive"])
-def test_sam_ascent(dtype, adaptive):
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate", "in_place"])
+def test_sam_ascent(dtype, adaptive, in_place):
     cd = compute(dtype)
     params, grads = tensors(SIZES, dtype, 0), tensors(SIZES, dtype, 1)
     got = triton_kernels.sam_ascent_partials(params, grads, adaptive=adaptive, norm_dtype=cd)
     want = reference.sam_ascent_partials(params, grads, adaptive=adaptive, norm_dtype=cd)
     assert_partials_match(got, want, 2 * STATE_TOL[cd])
-    inputs = dict(params=params, grads=grads, backups=[torch.zeros_like(p) for p in params])
-    (ours, _), (ref, _) = run_both("sam_ascent_", inputs, scale=torch.tensor(0.05, dtype=cd, device=DEVICE),
-                                   adaptive=adaptive, found_inf=flags(0.0))
-    assert all(torch.equal(a, b) for a, b in zip(ours["backups"], params))
-    assert_matches(ours["params"], ref["params"], STORAGE_ULP[dtype])
-    triton_kernels.sam_restore_(ours["params"], ours["backups"])
-    assert all(torch.equal(a, b) for a, b in zip(ours["params"], params))
+    scale = torch.tensor(0.05, dtype=cd, device=DEVICE)
+    (ours_params, ours), (ref_params, ref) = (sam_ascent_both(backend, params, grads, in_place, scale=scale,
+                                                              adaptive=adaptive, found_inf=flags(0.0))
+                                              for backend in (triton_kernels, reference))
+    assert_matches(ours, ref, STORAGE_ULP[dtype])
+    if not in_place:
+        assert all(torch.equal(a, b) for a, b in zip(ours_params, params))  # w is only read
 
 
-def test_sam_ascent_skip_keeps_params_but_remembers_them():
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate", "in_place"])
+def test_sam_ascent_skip_writes_w_or_nothing(in_place):
     params, grads = tensors(SIZES, torch.float32, 0), tensors(SIZES, torch.float32, 1)
-    inputs = dict(params=params, grads=grads, backups=[torch.zeros_like(p) for p in params])
-    (ours, _), (ref, _) = run_both("sam_ascent_", inputs, scale=torch.tensor(0.05, device=DEVICE),
-                                   adaptive=False, found_inf=flags(1.0))
-    for key in ("params", "backups"):
-        assert all(torch.equal(a, b) for a, b in zip(ours[key], ref[key]))
+    for backend in (triton_kernels, reference):
+        now, outs = sam_ascent_both(backend, params, grads, in_place, scale=torch.tensor(0.05, device=DEVICE),
+                                    adaptive=False, found_inf=flags(1.0))
+        assert all(torch.equal(a, b) for a, b in zip(now, params))
+        assert all(torch.equal(a, b) for a, b in zip(outs, params))
+
+
+def sam_ascent_both(backend, params, grads, in_place, **kwargs):
+    """``backend.sam_ascent_`` on copies of ``params``, into them or into NaN-filled buffers;
+    returns (the copies, the outs)."""
+    params = [p.clone() for p in params]
+    outs = params if in_place else [torch.full_like(p, float("nan")) for p in params]
+    backend.sam_ascent_(params, grads, outs, **kwargs)
+    return params, outs
 
 
 # ------------------------------------------------------------------ layouts and dispatch

@@ -36,7 +36,7 @@ struct Kernels {
   // params = base + k * directions.
   void (*perturb)(const PerturbArgs& a, double k);
   void (*sam_partials)(const SamArgs& a, double* partials);
-  // backups = params; then, unless skipped, params = w + e with e from scale.
+  // outs = w + e (e from scale) with w = params, or outs = w when skipped; outs may be params.
   void (*sam_ascent)(const SamArgs& a, double scale, bool skipped);
 };
 

@@ -262,27 +262,30 @@ __global__ void __launch_bounds__(kThreads)
   write_block_sums(sums, partials);
 }
 
-// The backup gets the exact bits of w (for the restore), then w + e unless skipped.
+// out = w + e, or, when skipped, the exact bits of w (nothing to do when out is p itself).
+// p and out may be one tensor, so neither is __restrict__.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     sam_ascent_kernel(DeviceTable t, ScalarArg scale, bool adaptive, ScalarArg found_inf) {
   using C = compute_t<P>;
   const BlockTask task = block_task(t, SamColumns::kWidth);
-  P* __restrict__ p = column<P>(task, SamColumns::kParam);
-  P* __restrict__ backup = column<P>(task, SamColumns::kBackup);
-  const SamRow<P> row{p, column<const P>(task, SamColumns::kGrad), backup};
+  P* p = column<P>(task, SamColumns::kParam);
+  P* out = column<P>(task, SamColumns::kOut);
   const bool skipped = step_skipped(found_inf);
+  if (skipped && out == p) return;
+  const SamRow<P> row{p, column<const P>(task, SamColumns::kGrad), out};
   const C k(read_scalar(scale, 0.0));
   for_each_element<P>(task, [&](auto tag, int64_t i) {
     using T = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<T, C>) {
-      backup[i] = p[i];
+    if (!skipped) {
+      sam_ascent_element<T>(row, i, T(k), adaptive);
+    } else if constexpr (std::is_same_v<T, C>) {
+      out[i] = p[i];
     } else {
       P lanes[kLanes<P>];
       load_lanes<false>(p + i, lanes);
-      store_lanes(backup + i, lanes);
+      store_lanes(out + i, lanes);
     }
-    if (!skipped) sam_ascent_element<T>(row, i, T(k), adaptive);
   });
 }
 

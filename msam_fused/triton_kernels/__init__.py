@@ -140,8 +140,8 @@ def sam_ascent_partials(params, grads, *, adaptive, norm_dtype) -> Tensor:
     return ops.sam_ascent_partials(list(params), list(grads), adaptive, norm_dtype)
 
 
-def sam_ascent_(params, grads, backups, *, scale, adaptive, found_inf=None) -> None:
-    ops.sam_ascent_(list(params), list(grads), list(backups), scale, adaptive, found_inf)
+def sam_ascent_(params, grads, outs, *, scale, adaptive, found_inf=None) -> None:
+    ops.sam_ascent_(list(params), list(grads), list(outs), scale, adaptive, found_inf)
 
 
 def sam_restore_(params, backups) -> None:

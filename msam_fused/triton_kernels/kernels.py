@@ -428,34 +428,35 @@ def _finish_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
 
 @_device_fn
 def _move_row(ptrs, offs, mask, values, FLAGS: tl.constexpr):
-    """``p = source + SIGN * coef * direction`` (times ``p**2`` when ADAPTIVE).
+    """``p = source + SIGN * coef * direction`` (times ``source**2`` when ADAPTIVE).
 
-    ``source`` is ``p`` itself, or another tensor (master weights, SAM's backup) when
-    FROM_SOURCE; ``SIGN = 0`` is a plain copy. SAVE_BACKUP first copies ``p`` to ``backup``.
+    ``source`` is ``p`` itself, or another tensor (master weights, SAM's parameters when the
+    ascent goes to a spare buffer) when FROM_SOURCE; ``SIGN = 0`` is a plain copy. A skipped
+    step (``write`` false) leaves ``p`` alone, or, FROM_SOURCE, copies ``source`` into it.
     """
-    p_ptr, direction_ptr, source_ptr, backup_ptr = ptrs
+    p_ptr, direction_ptr, source_ptr = ptrs
     coef, write = values
     FROM_SOURCE: tl.constexpr = FLAGS[0]
     SIGN: tl.constexpr = FLAGS[1]
     ADAPTIVE: tl.constexpr = FLAGS[2]
-    SAVE_BACKUP: tl.constexpr = FLAGS[3]
     CD: tl.constexpr = coef.dtype
     if FROM_SOURCE:
         x = _load(source_ptr + offs, mask).to(CD)
     else:
-        stored = _load(p_ptr + offs, mask)
-        if SAVE_BACKUP:
-            _store(backup_ptr + offs, stored, mask, tl.full((), 1, tl.int1))
-        x = stored.to(CD)
+        x = _load(p_ptr + offs, mask).to(CD)
+    moved = x
     if SIGN != 0:
         term = coef * _load(direction_ptr + offs, mask).to(CD)
         if ADAPTIVE:
             term = term * x * x
         if SIGN > 0:
-            x = x + term
+            moved = x + term
         else:
-            x = x - term
-    _store(p_ptr + offs, x, mask, write)
+            moved = x - term
+    if FROM_SOURCE:
+        _store(p_ptr + offs, tl.where(write, moved, x), mask, tl.full((), 1, tl.int1))
+    else:
+        _store(p_ptr + offs, moved, mask, write)
 
 
 # --------------------------------------------------------------------------------- kernels
@@ -584,14 +585,14 @@ def advance_steps_kernel(table, found_inf, HAS_FOUND_INF: tl.constexpr):
 @_jit
 def move_kernel(table, coef, found_inf, P: tl.constexpr, DIRECTION: tl.constexpr,
                 SOURCE: tl.constexpr, CD: tl.constexpr, FROM_SOURCE: tl.constexpr,
-                SIGN: tl.constexpr, ADAPTIVE: tl.constexpr, SAVE_BACKUP: tl.constexpr,
+                SIGN: tl.constexpr, ADAPTIVE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr, UNROLL: tl.constexpr):
-    """Operands: param, direction, source, backup (see ``_move_row``)."""
+    """Operands: param, direction, source (see ``_move_row``)."""
     rec, _, lo, hi = _locate(table)
     ptrs = (_address(rec, 0, P, ALIGNED), _address(rec, 1, DIRECTION, ALIGNED),
-            _address(rec, 2, SOURCE, ALIGNED), _address(rec, 3, P, ALIGNED))
+            _address(rec, 2, SOURCE, ALIGNED))
     values = (_coefficient(coef, CD, SIGN != 0), _flag_clear(found_inf, HAS_FOUND_INF))
-    _walk(_move_row, ptrs, values, (FROM_SOURCE, SIGN, ADAPTIVE, SAVE_BACKUP), lo, hi, UNROLL)
+    _walk(_move_row, ptrs, values, (FROM_SOURCE, SIGN, ADAPTIVE), lo, hi, UNROLL)
 
 
 @_jit

@@ -312,13 +312,12 @@ def _(params, stashes, momenta, hyper, coef_old, coef_new, found_inf):
 
 # ---------------------------------------------------------- perturbations and SAM's moves
 def _move(params: Sequence[Tensor], directions: Sequence[Optional[Tensor]],
-          sources: Sequence[Optional[Tensor]], backups: Optional[Sequence[Tensor]], *,
-          coef: Optional[Tensor], sign: int, adaptive: bool, found_inf: Optional[Tensor]) -> None:
+          sources: Sequence[Optional[Tensor]], *, coef: Optional[Tensor], sign: int, adaptive: bool,
+          found_inf: Optional[Tensor]) -> None:
     """``p = (source or p) + sign * coef * direction``, grouped by whether a source is given."""
     dtype = params[0].dtype
-    backups = backups or [None] * len(params)
-    records = [Record(0, [p, x, s, b]) for p, x, s, b in zip(params, directions, sources, backups)]
-    write_back = _stage(records, mutated=(0, 3))
+    records = [Record(0, [p, x, s]) for p, x, s in zip(params, directions, sources)]
+    write_back = _stage(records, mutated=(0,))
 
     def group(from_source: bool) -> tuple:
         members = [r for r in records if (r.operands[2] is not None) == from_source]
@@ -328,7 +327,7 @@ def _move(params: Sequence[Tensor], directions: Sequence[Optional[Tensor]],
                              FROM_SOURCE=from_source)
 
     consts = dict(P=_tl(dtype), CD=_tl(compute_dtype(dtype)), SIGN=sign, ADAPTIVE=adaptive,
-                  SAVE_BACKUP=backups[0] is not None, HAS_FOUND_INF=found_inf is not None)
+                  HAS_FOUND_INF=found_inf is not None)
     _launch(kernels.move_kernel, params[0].device, [group(False), group(True)], (),
             (coef, found_inf), consts, dtype)
     _write_back(write_back)
@@ -342,18 +341,17 @@ def perturb_(params: list[Tensor], directions: list[Tensor], masters: list[Optio
     if sign not in (-1, 1):
         raise ValueError(f"msam_triton.perturb_: sign must be -1 (apply) or +1 (remove), got {sign}")
     if sign < 0:
-        _move(params, directions, masters, None, coef=coef, sign=-1, adaptive=False, found_inf=None)
+        _move(params, directions, masters, coef=coef, sign=-1, adaptive=False, found_inf=None)
         return
     with_master = [m is not None for m in masters]
     if any(with_master):
         _move([p for p, h in zip(params, with_master) if h], [None] * sum(with_master),
-              [m for m in masters if m is not None], None, coef=None, sign=0, adaptive=False,
-              found_inf=None)
+              [m for m in masters if m is not None], coef=None, sign=0, adaptive=False, found_inf=None)
     if not all(with_master):
         _move([p for p, h in zip(params, with_master) if not h],
               [x for x, h in zip(directions, with_master) if not h],
-              [None] * (len(params) - sum(with_master)), None, coef=coef, sign=1,
-              adaptive=False, found_inf=None)
+              [None] * (len(params) - sum(with_master)), coef=coef, sign=1, adaptive=False,
+              found_inf=None)
 
 
 @perturb_.register_fake
@@ -361,24 +359,29 @@ def _(params, directions, masters, coef, sign):
     return None
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sam_ascent_", mutates_args=("params", "backups"))
-def sam_ascent_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], scale: Tensor,
+@torch.library.custom_op(f"{NAMESPACE}::sam_ascent_", mutates_args=("outs",))
+def sam_ascent_(params: list[Tensor], grads: list[Tensor], outs: list[Tensor], scale: Tensor,
                 adaptive: bool, found_inf: Optional[Tensor]) -> None:
-    _check_dtypes("msam_triton.sam_ascent_", params[0].dtype, grads=grads, backups=backups)
-    _move(params, grads, [None] * len(params), backups, coef=scale, sign=1, adaptive=adaptive,
-          found_inf=found_inf)
+    """``outs = w + e`` from ``w = params`` (``outs = w`` when ``found_inf`` is set); an out that
+    is its parameter is moved in place (and left alone when skipped)."""
+    _check_dtypes("msam_triton.sam_ascent_", params[0].dtype, grads=grads, outs=outs)
+    sources = [None if _same_memory(o, p) else p for p, o in zip(params, outs)]
+    _move(outs, grads, sources, coef=scale, sign=1, adaptive=adaptive, found_inf=found_inf)
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 @sam_ascent_.register_fake
-def _(params, grads, backups, scale, adaptive, found_inf):
+def _(params, grads, outs, scale, adaptive, found_inf):
     return None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sam_restore_", mutates_args=("params",))
 def sam_restore_(params: list[Tensor], backups: list[Tensor]) -> None:
     _check_dtypes("msam_triton.sam_restore_", params[0].dtype, backups=backups)
-    _move(params, [None] * len(params), backups, None, coef=None, sign=0, adaptive=False,
-          found_inf=None)
+    _move(params, [None] * len(params), backups, coef=None, sign=0, adaptive=False, found_inf=None)
 
 
 @sam_restore_.register_fake

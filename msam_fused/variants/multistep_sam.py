@@ -46,7 +46,6 @@ class MultiStepSAM(SAM):
         self.steps = steps
         self.norm = norm
         self._ascents_done = 0
-        self._scratch: dict[Tensor, Tensor] = {}
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
 
     def _ascent_radius(self, group: dict) -> float:
@@ -65,28 +64,24 @@ class MultiStepSAM(SAM):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascent step ``i`` of ``k``, along the gradients now in ``.grad`` (taken at
-        ``w + e_{i-1}``). The first one remembers ``w``."""
+        ``w + e_{i-1}``). The first one remembers ``w``; later ones move the parameters in place."""
         where = f"{type(self).__name__}.first_step"
         if self._ascents_done == self.steps:
             raise RuntimeError(f"{where}() was called more than steps={self.steps} times; run the "
                                "last backward and call second_step()")
         if self._ascents_done == 0:
-            self._pending = self._ascend(where, self._backup_of)
+            self._pending = self._ascend(where, True)
         else:
             moved, first_inf = self._pending
-            expected = {p for _, params in moved for p in params}
-            now, found_inf = self._ascend(where, self._scratch_of)
-            if {p for _, params in now for p in params} != expected:
+            expected = {p for _, params, _ in moved for p in params}
+            now, found_inf = self._ascend(where, False)
+            if {p for _, params, _ in now for p in params} != expected:
                 raise RuntimeError(f"{where}(): ascent step {self._ascents_done + 1} has gradients "
                                    "for other parameters than the first ascent step had")
             self._pending = (moved, _either(first_inf, found_inf))
         self._ascents_done += 1
         if zero_grad:
             self.zero_grad()
-
-    def _scratch_of(self, p: Tensor) -> Tensor:
-        """Where later ascent steps put the point they start from (``w`` stays in the backup)."""
-        return self._buffer_in(self._scratch, p)
 
     def _finish_step(self) -> Optional[Tensor]:
         if self._ascents_done != self.steps:
