@@ -12,8 +12,8 @@ from msam_fused import backends, reference
 from msam_fused.distributed import sharding
 from msam_fused.momentum_ascent import perturbs
 from msam_fused.nonfinite import SkippedStepCount, raise_nonfinite
-from msam_fused.validation import (check_flag, check_new_params, check_nonfinite_policy,
-                                   check_hyperparameter, describe_param, listed_params,
+from msam_fused.validation import (ParamPlace, check_flag, check_hyperparameter, check_new_params,
+                                   check_nonfinite_policy, describe_param, listed_params,
                                    with_plain_params)
 
 
@@ -96,6 +96,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         self.restore = restore
         self._backends: dict[torch.device, Any] = {}
         self._backups: dict[Tensor, Tensor] = {}
+        self._swap_pairs: dict[Tensor, tuple] = {}  # parameter -> the two storages it trades between
         self._pending: Optional[tuple] = None
         self._skipped_steps: Optional[Tensor] = None
         self._sharding: Optional[sharding.ShardLayout] = None
@@ -107,7 +108,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
 
     # Runtime caches rebuilt after deepcopy or unpickling; torch's hook registries (``_optimizer_*``)
     # are left out as torch's own __getstate__ leaves them out.
-    _REBUILT = ("_backends", "_backups", "_sharding")
+    _REBUILT = ("_backends", "_backups", "_swap_pairs", "_sharding")
 
     def __getstate__(self) -> dict:
         """Everything the constructor took (the base optimizer, ``rho``, ``backend``,
@@ -120,7 +121,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._backends, self._backups = {}, {}
+        self._backends, self._backups, self._swap_pairs = {}, {}, {}
         params = [p for g in self.param_groups for p in with_plain_params(g)["params"]]
         for p in params:
             self._backend_on(p.device)
@@ -164,7 +165,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                what = describe_param(group, gi, i, p)
+                what = ParamPlace(group, gi, i, p)  # formatted only if a message needs it
                 if p.grad.is_sparse or p.grad.is_complex():
                     raise RuntimeError(f"{where}: {what} has a sparse or complex gradient; SAM needs "
                                        "dense real gradients")
@@ -332,8 +333,19 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         (the graph holds addresses): these copy ``w`` into the backup and back."""
         if self.restore == "copy" or self._sharding is not None or _capturing(params):
             return [False] * len(params)
-        backups = [self._backup_of(p) for p in params]
-        return [_owns_storage(p) and _owns_storage(b) and b.stride() == p.stride() for p, b in zip(params, backups)]
+        return [self._can_swap(p) for p in params]
+
+    def _can_swap(self, p: Tensor) -> bool:
+        """Whether ``p`` and its backup may trade storage. Decided once per pair of storages
+        (the pair stays the same while they trade), again when either changes."""
+        backup = self._backup_of(p)
+        pair = self._swap_pairs.get(p)
+        if pair is not None and p.data_ptr() in pair and backup.data_ptr() in pair:
+            return True
+        swaps = _owns_storage(p) and _owns_storage(backup) and backup.stride() == p.stride()
+        if swaps:
+            self._swap_pairs[p] = (p.data_ptr(), backup.data_ptr())
+        return swaps
 
     def _trade_storage(self, p: Tensor) -> None:
         self._backups[p], p.data = p.data, self._backups[p]
@@ -342,7 +354,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         """The base optimizer's step with the gradients now in ``.grad``, skipped (on the device)
         when they or the ascent's are not finite; returns the skip flag."""
         grads = [(p.grad if self._sharding is None else sharding.local(p.grad),
-                  describe_param(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
+                  ParamPlace(g, gi, i, p)) for gi, g in enumerate(self.param_groups)
                  for i, p in enumerate(g["params"]) if p.grad is not None]
         scaler_found_inf = getattr(self, "found_inf", None)
         second_inf = None
