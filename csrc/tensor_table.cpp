@@ -70,7 +70,9 @@ void TensorTable::write_back() {
 }
 
 at::Tensor scalar_tensor(double value, at::ScalarType dtype, at::Device device) {
-  return at::full({}, value, at::TensorOptions().dtype(dtype).device(device));
+  // Made in double, then rounded as a cast rounds: a finite sum too large for float32 becomes
+  // inf there (as in the reference), where at::full would refuse the value.
+  return at::full({}, value, at::TensorOptions().dtype(at::kDouble).device(device)).to(dtype);
 }
 
 TableBuilder::TableBuilder(const char* op, std::vector<Column> columns, const at::Tensor& first_param)

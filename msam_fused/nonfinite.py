@@ -1,61 +1,18 @@
-"""Non-finite gradients: detect on the device, then skip the whole step or raise.
+"""Non-finite gradients: skip the whole step (on the device) or raise.
 
-Detection reads every gradient once (on a GPU ``_foreach_norm`` with ``ord=inf``, on the CPU
-each tensor's min and max: finite exactly when all entries are), so ``nonfinite="skip"`` costs one extra read of the gradients and no host
-sync. Under an AMP ``GradScaler`` the scaler has already done that check and hands its
-``found_inf`` to the optimizer, so no second check runs.
+Detection costs no pass of its own: every backend's read-only pass returns a non-finite marker
+per segment beside its sums of squares (docs/design.md, "The step contract"), so a step's skip
+flag comes with its norm. SAM checks its second gradients with the same pass. Under an AMP
+``GradScaler`` the scaler has already done that check and hands its ``found_inf`` to the
+optimizer.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-
-
-def nonfinite_flag(grads: Sequence[Tensor], device: torch.device) -> Tensor:
-    """A 0-d bool tensor on ``device``: True if any gradient holds an inf or NaN."""
-    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-    for g in grads:
-        if g.numel():  # the inf-norm of an empty tensor (e.g. an empty FSDP2 shard) is an error
-            by_device[g.device].append(g)
-    flag = torch.zeros((), dtype=torch.bool, device=device)
-    for where, tensors in by_device.items():
-        if where.type == "cpu":
-            # The CPU inf-norm is a scalar loop (~1 GB/s, 6x slower than a vectorised min and
-            # max); the least and the greatest entry are both finite exactly when all are.
-            extremes = [e for t in tensors for e in torch.aminmax(t)]
-        else:
-            extremes = torch._foreach_norm(tensors, float("inf"))  # one launch per many tensors
-        bad = ~torch.stack([e.isfinite() for e in extremes]).all()
-        flag = flag | bad.to(device, non_blocking=True)
-    return flag
-
-
-def step_skip_flag(policy: str, where: str, grads: Sequence[Tensor], labels: Sequence[str],
-                   device: torch.device, scaler_found_inf: Optional[Tensor],
-                   all_ranks=None) -> Optional[Tensor]:
-    """The device flag that makes the step a no-op, or None when nothing needs checking.
-
-    ``policy="raise"`` reads the flag on the host and raises, naming the offending tensors,
-    before anything is modified. ``all_ranks`` (a ``msam_fused.distributed.sharding.RankGroup``)
-    is given when the ranks see different gradients (shards, a local SAM ascent): the flag is
-    then all-reduced, so that every rank skips, or raises, together.
-    """
-    if scaler_found_inf is not None:
-        return scaler_found_inf if all_ranks is None else all_ranks.any(scaler_found_inf)
-    if not grads:
-        return None
-    flag = nonfinite_flag(grads, device)
-    if all_ranks is not None:
-        flag = all_ranks.any(flag)
-    if policy == "raise":
-        if bool(flag):
-            raise_nonfinite(where, list(zip(grads, labels)))
-        return None
-    return flag
 
 
 def raise_nonfinite(where: str, labelled: Sequence[tuple]) -> None:
