@@ -228,9 +228,10 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         ascents = self._ascent_directions(buckets, total, found_inf)
         moved = []
         for (group, device, params, _, _), (directions, scale) in zip(buckets, ascents):
-            swapped = self._swaps(params) if from_w else [False] * len(params)
+            backups = [self._backup_of(p) for p in params] if from_w else None
+            swapped = self._swaps(params, backups) if from_w else [False] * len(params)
             self._backends[device].sam_ascent_(
-                self._locals(params), directions, self._ascent_outs(params, swapped, from_w),
+                self._locals(params), directions, self._ascent_outs(params, backups, swapped),
                 scale=scale.to(device, non_blocking=True), adaptive=group["adaptive"],
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True))
             for p in _picked(params, swapped):
@@ -289,14 +290,13 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
             backup = self._backups[p] = torch.empty_like(x, memory_format=torch.preserve_format)
         return backup
 
-    def _ascent_outs(self, params: list, swapped: list, from_w: bool) -> list:
+    def _ascent_outs(self, params: list, backups: Optional[list], swapped: list) -> list:
         """Where the ascent writes ``w + e``: a parameter that swaps, into its backup's memory
         (``w`` is only read, and the two then trade storage); any other, in place, after ``w``
-        was copied into its backup. Later ascents: in place."""
+        was copied into its backup. Later ascents (no ``backups``): in place."""
         locals_ = self._locals(params)
-        if not from_w:
+        if backups is None:
             return locals_
-        backups = [self._backup_of(p) for p in params]
         kept = [not s for s in swapped]
         if any(kept):
             torch._foreach_copy_(_picked(backups, kept), _picked(locals_, kept))
@@ -325,7 +325,7 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         self._pending = None
         return self._descend(f"{type(self).__name__}.second_step", first_inf)
 
-    def _swaps(self, params: list) -> list[bool]:
+    def _swaps(self, params: list, backups: list) -> list[bool]:
         """Which parameters keep ``w`` without copying it (``restore="swap"``): the ascent writes
         ``w + e`` into the backup's memory and parameter and backup trade storage; after the
         second pass they trade back. Not those whose storage is not theirs alone (views, flat
@@ -333,12 +333,11 @@ class SAM(backends.PerDeviceBackends, SkippedStepCount, Optimizer):
         (the graph holds addresses): these copy ``w`` into the backup and back."""
         if self.restore == "copy" or self._sharding is not None or _capturing(params):
             return [False] * len(params)
-        return [self._can_swap(p) for p in params]
+        return [self._can_swap(p, b) for p, b in zip(params, backups)]
 
-    def _can_swap(self, p: Tensor) -> bool:
+    def _can_swap(self, p: Tensor, backup: Tensor) -> bool:
         """Whether ``p`` and its backup may trade storage. Decided once per pair of storages
         (the pair stays the same while they trade), again when either changes."""
-        backup = self._backup_of(p)
         pair = self._swap_pairs.get(p)
         if pair is not None and p.data_ptr() in pair and backup.data_ptr() in pair:
             return True
