@@ -50,8 +50,3 @@ def choose(kernel_name: str, dtype: torch.dtype, seconds: Callable[[], float]) -
         timings[cfg] = seconds()
     _chosen[kernel_name, dtype] = best = min(timings, key=timings.get)
     return best
-
-
-def forget() -> None:
-    """Back to ``DEFAULT`` for every kernel."""
-    _chosen.clear()
